@@ -1,0 +1,3 @@
+from cic_gpt2.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""`cic-gpt2` command line (also `python -m cic_gpt2`).
+
+Each subcommand lives in its own module, imported only when that subcommand runs (so `prepare` never
+pays for importing DeepSpeed). A command module provides:
+
+    HELP: str                                   one line for `cic-gpt2 --help`
+    def add_arguments(parser) -> None           its flags
+    def main(args: argparse.Namespace) -> int   exit status
+
+A `CicError` anywhere becomes one line on stderr and exit status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from cic_gpt2 import __version__
+from cic_gpt2.errors import CicError
+
+# name -> (module, one-line help). Help text lives here so `--help` imports nothing heavy.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("cic_gpt2.prepare", "CICIoT2023 CSVs -> serialized, tokenized, sharded Arrow splits + manifest"),
+    "train": ("cic_gpt2.train", "fine-tune GPT-2 with DeepSpeed ZeRO-2 on prepared splits"),
+    "export": ("cic_gpt2.export", "DeepSpeed checkpoint -> Hugging Face model directory"),
+    "evaluate": ("cic_gpt2.evaluate", "metrics of an exported model on a prepared split or raw CSVs"),
+    "predict": ("cic_gpt2.predict", "classify flows in a CSV with an exported model"),
+    "baseline": ("cic_gpt2.baseline", "RandomForest / HistGradientBoosting on the same split"),
+    "bench": ("cic_gpt2.bench", "training speed, MFU and memory benchmarks"),
+    "demo": ("cic_gpt2.demo", "whole pipeline on the bundled real CICIoT2023 sample (CPU, tiny GPT-2)"),
+}
+
+EXIT_USER_ERROR = 2
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cic-gpt2",
+        description="Distributed GPT-2 fine-tuning for CICIoT2023 network-traffic classification.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items())
+        + "\n\nRun `cic-gpt2 COMMAND --help` for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"cic-gpt2 {__version__}")
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    return p
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"cic-gpt2 {command}", description=getattr(module, "HELP", help_text))
+    module.add_arguments(parser)
+    parser.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        _top_parser().parse_args(argv or ["--help"])
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        _top_parser().parse_args([command])  # prints the choices and exits 2
+    try:
+        args = build_parser(command).parse_args(rest)
+        return int(args._main(args) or 0)
+    except CicError as e:
+        msg = str(e).strip().replace("\n", " ")
+        print(f"cic-gpt2 {command}: error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"cic-gpt2 {command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
