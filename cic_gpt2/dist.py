@@ -57,45 +57,66 @@ def _expand_bracket(prefix: str, body: str, suffix_hosts: list[str]) -> list[str
     for part in body.split(","):
         if "-" in part:
             lo, hi = part.split("-", 1)
-            width = len(lo) if lo.startswith("0") else 0
-            for i in range(int(lo), int(hi) + 1):
-                out.extend(f"{prefix}{i:0{width}d}{s}" for s in suffix_hosts)
+            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+                raise ValueError(part)
+            width = len(lo)  # SLURM keeps the width of the low bound: 01-04 -> 01 02 03 04; 8-10 -> 8 9 10
+            numbers = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
         else:
-            out.extend(f"{prefix}{part}{s}" for s in suffix_hosts)
+            if not part:
+                raise ValueError(body)
+            numbers = [part]
+        out.extend(f"{prefix}{n}{s}" for n in numbers for s in suffix_hosts)
     return out
 
 
 def _expand_host(expr: str) -> list[str]:
     m = re.search(r"\[([^\]]*)\]", expr)
     if not m:
+        if "[" in expr or "]" in expr:
+            raise ValueError(expr)
         return [expr]
     return _expand_bracket(expr[: m.start()], m.group(1), _expand_host(expr[m.end():]))
 
 
 def parse_nodelist(nodelist: str) -> list[str]:
-    """Expand SLURM's compressed host list: `gpu[01-04,07]`, `node-[1-2],login3`, `cdr[2-3]-ib[0-1]`."""
+    """Expand SLURM's compressed host list, in SLURM's order (`scontrol show hostnames`):
+    `gpu[01-04,07]`, `node-[1-2],login3`, `cdr[2-3]-ib[0-1]` (the last bracket varies fastest)."""
     hosts, depth, start = [], 0, 0
     text = nodelist.strip()
-    for i, ch in enumerate(text + ","):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            if text[start:i]:
-                hosts.extend(_expand_host(text[start:i]))
-            start = i + 1
+    try:
+        for i, ch in enumerate(text + ","):
+            if ch == "[":
+                depth += 1
+            elif ch == "]":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                if text[start:i].strip():
+                    hosts.extend(_expand_host(text[start:i].strip()))
+                start = i + 1
+            if depth not in (0, 1):
+                raise ValueError(text)
+    except ValueError:
+        hosts = []
     if depth != 0 or not hosts:
-        raise ConfigError(f"cannot parse SLURM node list {nodelist!r}")
+        raise ConfigError(
+            f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR to the first node's host name instead"
+        )
     return hosts
 
 
-def _slurm_port(env: Mapping[str, str]) -> int:
-    if "MASTER_PORT" in env:
-        return _int(env, "MASTER_PORT")
-    job_id = env.get("SLURM_JOB_ID", "0")
+def _port(env: Mapping[str, str], default: int) -> int:
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default
+    if not 0 < port < 65536:
+        raise ConfigError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+    return port
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port every task of a SLURM job computes alike, different for concurrent jobs on a
+    node (consecutive job ids), inside 15000-31999: clear of well-known ports and of Linux's
+    ephemeral range (32768+)."""
     digits = re.sub(r"\D", "", job_id) or "0"
-    return 15000 + int(digits[-4:]) % 20000  # stable for all tasks of the job, clear of ephemeral ports
+    return 15000 + int(digits) % 17000
 
 
 def _free_port() -> int:
@@ -108,36 +129,59 @@ def discover(env: Mapping[str, str] | None = None) -> DistInfo:
     """Work out this process's place in the job from its environment (see module docstring)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(
+        info = DistInfo(
             rank=_int(env, "RANK"),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
             world_size=_int(env, "WORLD_SIZE"),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            master_port=_port(env, DEFAULT_PORT),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
+        if not nodelist and not env.get("MASTER_ADDR"):
             raise ConfigError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: run under srun, or set MASTER_ADDR")
-        return DistInfo(
+        info = DistInfo(
             rank=_int(env, "SLURM_PROCID"),
-            local_rank=int(env.get("SLURM_LOCALID", "0")),
-            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            # srun inside a bigger allocation (`srun -n 2` in a 4-task job) runs a step smaller than the job
+            world_size=_int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"),
             master_addr=env.get("MASTER_ADDR") or parse_nodelist(nodelist)[0],
-            master_port=_slurm_port(env),
+            master_port=_port(env, slurm_port(env.get("SLURM_JOB_ID", "0"))),
             source="slurm",
         )
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return DistInfo(
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        info = DistInfo(
             rank=_int(env, "OMPI_COMM_WORLD_RANK"),
-            local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
+            local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") if "OMPI_COMM_WORLD_LOCAL_RANK" in env else 0,
             world_size=_int(env, "OMPI_COMM_WORLD_SIZE"),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            master_port=_port(env, DEFAULT_PORT),
             source="openmpi",
         )
-    return DistInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+    else:
+        info = DistInfo(0, 0, 1, "127.0.0.1", _port(env, 0) if "MASTER_PORT" in env else _free_port(), "single")
+    if not 0 <= info.rank < info.world_size or info.local_rank < 0:
+        raise ConfigError(
+            f"rank {info.rank} (local {info.local_rank}) does not fit world size {info.world_size} "
+            f"(launcher: {info.source}); check the launcher's task count"
+        )
+    return info
+
+
+def cuda_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device of this process. Usually `local_rank`; with one visible GPU per task (srun
+    `--gpus-per-task=1` / `--gpu-bind`, which narrow CUDA_VISIBLE_DEVICES) it is device 0."""
+    if visible_devices < 1:
+        raise ConfigError("no CUDA device is visible to this process; check --gres / CUDA_VISIBLE_DEVICES")
+    if visible_devices == 1:
+        return 0
+    if local_rank >= visible_devices:
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU: only {visible_devices} are visible on this node; "
+            "start one task per GPU (--ntasks-per-node = GPUs per node)"
+        )
+    return local_rank
 
 
 def backend_for_device() -> str:
@@ -147,22 +191,25 @@ def backend_for_device() -> str:
 
 
 def init(info: DistInfo, timeout_s: float = 600.0) -> str:
-    """Create the default process group (every launch mode, world size 1 included). Returns the backend."""
+    """Create the default process group (every launch mode, world size 1 included). Returns the backend.
+
+    `timeout_s` (config `dist.timeout_s`) bounds every collective, so a dead peer surfaces as an error."""
     import torch
     import deepspeed
 
-    if info.rank >= info.world_size or info.rank < 0:
-        raise ConfigError(f"rank {info.rank} is outside world size {info.world_size} (launcher: {info.source})")
+    backend = backend_for_device()
+    local_device = info.local_rank
+    if backend == "nccl":
+        local_device = cuda_index(info.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(local_device)
+    # DeepSpeed reads only these variables; LOCAL_RANK is the device index it binds to.
     os.environ.update(
         RANK=str(info.rank),
-        LOCAL_RANK=str(info.local_rank),
+        LOCAL_RANK=str(local_device),
         WORLD_SIZE=str(info.world_size),
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
     )
-    backend = backend_for_device()
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -176,7 +223,9 @@ def init(info: DistInfo, timeout_s: float = 600.0) -> str:
 def device(info: DistInfo):
     import torch
 
-    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", cuda_index(info.local_rank, torch.cuda.device_count()))
+    return torch.device("cpu")
 
 
 def destroy() -> None:
