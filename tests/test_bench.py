@@ -1,0 +1,88 @@
+"""`cic-gpt2 bench`: the memory arithmetic against hand arithmetic, and a real CPU engine benchmark."""
+import json
+
+import pytest
+import torch
+
+from cic_gpt2 import bench
+from conftest import run_cli
+
+GPT2_LARGE_PARAMS = 774_030_080  # transformer body of GPT-2-Large (Radford et al. report "774M")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-large"])
+def test_param_count_matches_the_real_model(name):
+    from transformers import GPT2ForSequenceClassification
+
+    cfg = bench._hf_config(name)
+    cfg.num_labels, cfg.pad_token_id = 8, cfg.eos_token_id
+    with torch.device("meta"):
+        model = GPT2ForSequenceClassification(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    assert bench.model_shape(name).param_count("seqcls", 8) == real
+
+
+def test_gpt2_large_stage0_is_16_bytes_per_param():
+    shape = bench.model_shape("gpt2-large")
+    psi = shape.param_count("seqcls", 8)
+    assert psi == GPT2_LARGE_PARAMS + 1280 * 8
+    case = bench.MemoryCase(shape, world_size=1, micro_batch_size=1, seq_len=64, precision="fp16")
+    est = bench.estimate(case, stage=0, offload=False, gpu_mem_gib=80)
+    # 2Ψ fp16 params + 2Ψ fp16 grads + 12Ψ fp32 master/m/v = 16Ψ ≈ 12.4e9 bytes
+    assert est.model_state_bytes == 16 * psi
+    assert 12.3e9 < est.model_state_bytes < 12.5e9
+    # the activations of 1 x 64 tokens are small next to the model states, and everything adds up
+    assert est.activation_bytes == 64 * 1280 * (34 * 36 + 4) < 0.2e9
+    parts = est.model_state_bytes + est.bucket_bytes + max(est.activation_bytes, est.step_transient_bytes)
+    assert est.total_bytes == pytest.approx(parts * (1 + bench.FRAGMENTATION) + bench.CONTEXT_GIB * bench.GIB)
+
+
+def test_gpt2_large_on_a_16gb_v100_needs_offload():
+    case = bench.MemoryCase(bench.model_shape("gpt2-large"), world_size=1, micro_batch_size=4, seq_len=128)
+    plain = bench.estimate(case, 2, offload=False, gpu_mem_gib=16, reduce_bucket_size=2e8)
+    offload = bench.estimate(case, 2, offload=True, gpu_mem_gib=16, reduce_bucket_size=2e8)
+    assert not plain.fits and plain.total_bytes > 16 * bench.GIB
+    assert offload.fits and offload.total_bytes < 16 * bench.GIB
+    # offload moves master weights, Adam states and fp32 grads (18Ψ) to the host
+    assert offload.host_bytes == 18 * case.params
+    # ...and the shipped ds_configs agree: fp16 without offload does not fit, the offload one does
+    by_name = {name: est for name, _, est in bench.estimate_ds_configs(case, 16)}
+    assert not by_name["zero2_fp16"].fits and by_name["zero2_fp16_offload"].fits
+
+
+def test_more_gpus_lower_stage2_memory_not_stage0():
+    shape = bench.model_shape("gpt2-large")
+    per_world = {}
+    for world in (1, 2, 8):
+        case = bench.MemoryCase(shape, world_size=world, micro_batch_size=4, seq_len=128)
+        per_world[world] = (bench.estimate(case, 0, False, 16), bench.estimate(case, 2, False, 16))
+    assert per_world[1][1].total_bytes > per_world[2][1].total_bytes > per_world[8][1].total_bytes
+    assert per_world[1][0].total_bytes == per_world[8][0].total_bytes
+    # stage 2 at 8 GPUs: 2Ψ + 14Ψ/8 of model states
+    psi = per_world[8][1]
+    assert psi.model_state_bytes == pytest.approx((2 + 14 / 8) * shape.param_count())
+
+
+def test_gradient_checkpointing_shrinks_activations():
+    shape = bench.model_shape("gpt2-large")
+    plain = bench.MemoryCase(shape, micro_batch_size=8, seq_len=512)
+    ckpt = bench.MemoryCase(shape, micro_batch_size=8, seq_len=512, gradient_checkpointing=True)
+    # 34 bytes per token per hidden unit per layer (16-bit, SDPA) for 36 layers, + embeddings / final LN
+    assert bench.activation_bytes(plain) == 512 * 8 * 1280 * (34 * 36 + 4)
+    assert bench.activation_bytes(ckpt) < bench.activation_bytes(plain) / 10
+
+
+def test_bench_memory_cli(tmp_path, capsys):
+    out = tmp_path / "mem.json"
+    assert run_cli("bench", "memory", "--model", "gpt2-large", "--gpu-mem", "16", "--seq-len", "128",
+                   "--micro-batch", "4", "--json", out) == 0
+    printed = capsys.readouterr().out
+    assert "774.0M parameters" in printed and "fits 16 GiB: zero2_fp16_offload" in printed
+    payload = json.loads(out.read_text())
+    assert payload["fits"] == ["zero2_fp16_offload"]
+    assert {s["label"] for s in payload["stages"]} >= {"stage 0", "stage 2", "stage 2 + offload"}
+
+
+def test_bench_memory_rejects_unknown_model(capsys):
+    assert run_cli("bench", "memory", "--model", "gpt5-huge") == 2
+    assert "gpt5-huge" in capsys.readouterr().err
