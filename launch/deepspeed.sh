@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The DeepSpeed launcher. Everything after the script name goes to `cic-gpt2 train`.
+#
+#   # workstation, 2 GPUs
+#   NUM_GPUS=2 launch/deepspeed.sh --data data/v2_8class --run-dir runs/ds
+#
+#   # inside a SLURM allocation: one launcher per node, no ssh/pdsh needed; each writes the hostfile
+#   # from the node list and starts its node's share of the ranks (--no_ssh --node_rank)
+#   srun --ntasks-per-node=1 launch/deepspeed.sh --data "$DATA" --run-dir "$RUN_DIR" --resume auto
+#
+# Environment: NUM_GPUS (per node; default 1 outside SLURM; under SLURM default SLURM_GPUS_ON_NODE),
+# MASTER_PORT (default 29500), PYTHON (default python). Under SLURM: SLURM_JOB_NODELIST, SLURM_NODEID.
+# Preemption: prefer slurm/*.sbatch with launch/srun.sh; the DeepSpeed launcher answers SIGTERM by killing
+# its workers.
+set -euo pipefail
+
+python="${PYTHON:-python}"
+launcher=("$python" -m deepspeed.launcher.runner --master_port "${MASTER_PORT:-29500}")
+
+if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    hostfile="${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/cic-gpt2-hostfile.${SLURM_JOB_ID:-0}"
+    if command -v scontrol >/dev/null; then
+        hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    else
+        hosts=$("$python" -c 'import sys; from cic_gpt2.dist import parse_nodelist; print("\n".join(parse_nodelist(sys.argv[1])))' "$SLURM_JOB_NODELIST")
+    fi
+    slots="${NUM_GPUS:-${SLURM_GPUS_ON_NODE:-1}}"
+    while read -r host; do printf '%s slots=%s\n' "$host" "$slots"; done <<<"$hosts" >"$hostfile.tmp.$$"
+    mv "$hostfile.tmp.$$" "$hostfile"
+    launcher+=(--hostfile "$hostfile" --master_addr "$(head -n1 <<<"$hosts")"
+               --no_ssh --node_rank "${SLURM_NODEID:-0}")
+else
+    launcher+=(--num_gpus "${NUM_GPUS:-1}")
+fi
+
+exec "${launcher[@]}" --module --no_local_rank cic_gpt2 train "$@"

@@ -1,0 +1,237 @@
+"""Launch paths: the shell scripts (syntax, shellcheck, what they really run for a fake SLURM allocation)
+and real multi-process training on localhost through each launcher."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_SCRIPTS = sorted((REPO / "launch").glob("*.sh"))
+SBATCH_SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Static checks
+# ---------------------------------------------------------------------------------------------
+def test_the_expected_scripts_exist():
+    assert {p.name for p in LAUNCH_SCRIPTS} >= {"torchrun.sh", "srun.sh", "deepspeed.sh", "single_gpu.sh"}
+    assert len(SBATCH_SCRIPTS) >= 3
+
+
+@pytest.mark.parametrize("script", LAUNCH_SCRIPTS + SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax_and_strict_mode(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    if script.suffix == ".sh":
+        assert os.access(script, os.X_OK), f"{script.name} must be executable"
+        assert text.rstrip().splitlines()[-1].lstrip().startswith("exec") or "exec " in text
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_shellcheck_clean():
+    out = subprocess.run(["shellcheck", "-s", "bash", *map(str, LAUNCH_SCRIPTS + SBATCH_SCRIPTS)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _sbatch_options(script: Path) -> dict[str, str]:
+    opts = {}
+    for line in script.read_text().splitlines():
+        m = re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line)
+        if m:
+            opts[m.group(1)] = m.group(2) or ""
+    return opts
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_headers(script):
+    opts = _sbatch_options(script)
+    assert opts["signal"] == "B:USR1@180"  # to the batch shell, whose trap forwards it
+    assert "requeue" in opts and opts["open-mode"] == "append"
+    gpus_per_node = int(opts["gpus-per-node"].split(":")[-1])
+    assert int(opts["ntasks-per-node"]) == gpus_per_node  # one task per GPU
+    assert "--resume auto" in script.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# sbatch scripts run for a fake allocation: stub `srun` (starts the task command, forwards USR1 like
+# the real one), stub `scontrol`, stub `python` (records the final command line and environment)
+# ---------------------------------------------------------------------------------------------
+STUB_SRUN = r"""#!/bin/bash
+printf '%s\n' "$*" >> "$STUB_DIR/srun.log"
+"$@" &
+child=$!
+trap 'kill -USR1 "$child"; wait "$child"; exit $?' USR1
+wait "$child"
+"""
+STUB_SCONTROL = r"""#!/bin/bash
+printf '%s\n' "$*" >> "$STUB_DIR/scontrol.log"
+if [[ "$1 $2" == "show hostnames" ]]; then  # expanded the way SLURM does (tests/test_dist.py checks that)
+    exec "$REAL_PYTHON" -c 'import sys; from cic_gpt2.dist import parse_nodelist; print(*parse_nodelist(sys.argv[1]), sep="\n")' "$3"
+fi
+"""
+STUB_PYTHON = r"""#!/bin/bash
+if [[ "$1" == -c ]]; then exec "$REAL_PYTHON" "$@"; fi  # inline helpers run for real
+printf '%s\n' "$*" >> "$STUB_DIR/python.log"
+env > "$STUB_DIR/python.env"
+if [[ "${STUB_MODE:-}" == preempt ]]; then
+    trap 'echo USR1 >> "$STUB_DIR/signals"; sleep 0.2; exit 75' USR1
+    touch "$STUB_DIR/ready"
+    while true; do sleep 0.05; done
+fi
+exit "${STUB_EXIT:-0}"
+"""
+
+
+@pytest.fixture
+def fake_allocation(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("python", STUB_PYTHON)):
+        (stubs / name).write_text(body)
+        (stubs / name).chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("export STUB_VENV_ACTIVE=1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_", "PYTHON", "OMP_"))}
+    env.update(
+        PATH=f"{stubs}:{env['PATH']}", REAL_PYTHON=sys.executable, STUB_DIR=str(tmp_path), VENV=str(venv), USER="alice",
+        PROJECT=str(tmp_path / "project"), SCRATCH=str(tmp_path / "scratch"),
+        SLURM_JOB_ID="4242", SLURM_JOB_NAME="cic-test", SLURM_JOB_NODELIST="blg[4101-4102]",
+        SLURM_NNODES="2", SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=str(REPO),
+    )
+    return tmp_path, env
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_renders_the_training_command(script, fake_allocation):
+    tmp, env = fake_allocation
+    out = subprocess.run(["bash", str(script), "train.lr=1e-4"], env=env, cwd=tmp, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    srun_line = (tmp / "srun.log").read_text().splitlines()
+    assert len(srun_line) == 1 and srun_line[0].startswith("launch/srun.sh ")
+    python_line = (tmp / "python.log").read_text().split()
+    run_dir = f"{tmp}/scratch/cic-gpt2/runs/cic-test-4242"  # stable across requeues: same job id
+    assert python_line[:3] == ["-m", "cic_gpt2", "train"]
+    args = " ".join(python_line[3:])
+    assert f"--data {tmp}/scratch/cic-gpt2/data/v2_8class" in args
+    assert f"--run-dir {run_dir}" in args and "--resume auto" in args
+    assert f"model.name={tmp}/project/alice/models/gpt2" in args
+    assert python_line[-1] == "train.lr=1e-4"  # extra sbatch arguments reach `cic-gpt2 train`
+    if "gpt2large" in script.name:
+        assert "train.ds_config=zero2_fp16_offload" in args and "model.gradient_checkpointing=true" in args
+        assert f"model.name={tmp}/project/alice/models/gpt2-large" in args
+    else:
+        assert "train.ds_config=zero2_fp16 " in args + " "
+    task_env = dict(line.split("=", 1) for line in (tmp / "python.env").read_text().splitlines() if "=" in line)
+    assert task_env["HF_HUB_OFFLINE"] == "1" and task_env["TRANSFORMERS_OFFLINE"] == "1"
+    assert task_env["HF_HOME"] == f"{tmp}/project/alice/hf_home"
+    assert task_env["STUB_VENV_ACTIVE"] == "1" and task_env["SRUN_CPUS_PER_TASK"] == "8"
+    assert task_env["OMP_NUM_THREADS"] == "8"  # launch/srun.sh: one OpenMP thread per allocated CPU
+    assert task_env["PWD"] == str(REPO)  # ran from the submit dir, where launch/ is
+    assert not (tmp / "scontrol.log").exists()  # finished normally: no requeue
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_requires_storage_variables(script, fake_allocation):
+    tmp, env = fake_allocation
+    del env["PROJECT"]
+    out = subprocess.run(["bash", str(script)], env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "set PROJECT" in out.stderr
+    assert not (tmp / "srun.log").exists()
+
+
+def test_sbatch_failure_is_not_requeued(fake_allocation):
+    tmp, env = fake_allocation
+    out = subprocess.run(["bash", str(SBATCH_SCRIPTS[0])], env={**env, "STUB_EXIT": "1"}, cwd=tmp,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert not (tmp / "scontrol.log").exists()
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_usr1_is_forwarded_and_the_job_requeued(script, fake_allocation):
+    """SLURM's warning signal reaches the batch shell only (B:); the trap forwards it through srun to the
+    task, waits for it to checkpoint and exit 75, then requeues the job."""
+    tmp, env = fake_allocation
+    proc = subprocess.Popen(["bash", str(script)], env={**env, "STUB_MODE": "preempt"}, cwd=tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.1)  # the script is now in `wait`
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp / "signals").read_text().split() == ["USR1"]  # the task got it exactly once
+    assert proc.returncode == 75, err
+    assert (tmp / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "requeueing job 4242" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/*.sh: the command line each produces (stub python), then real runs further below
+# ---------------------------------------------------------------------------------------------
+def _render(script: str, tmp: Path, env: dict, *args: str) -> list[str]:
+    subprocess.run(["bash", str(REPO / "launch" / script), *args], env=env, cwd=REPO, check=True, timeout=60)
+    return (tmp / "python.log").read_text().split()
+
+
+def test_torchrun_sh_command_lines(fake_allocation):
+    tmp, env = fake_allocation
+    line = _render("torchrun.sh", tmp, {**env, "NPROC_PER_NODE": "4"}, "--data", "d")
+    assert line == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                    "-m", "cic_gpt2", "train", "--data", "d"]
+    (tmp / "python.log").unlink()
+    line = _render("torchrun.sh", tmp, {**env, "NNODES": "2", "MASTER_ADDR": "gpu01", "MASTER_PORT": "29400"})
+    assert "--rdzv_backend c10d --rdzv_endpoint gpu01:29400" in " ".join(line)
+    assert line[line.index("--nnodes") + 1] == "2" and line[line.index("--nproc_per_node") + 1] == "gpu"
+    out = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh")], env={**env, "NNODES": "2"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "MASTER_ADDR" in out.stderr
+
+
+def test_single_gpu_and_srun_sh_command_lines(fake_allocation):
+    tmp, env = fake_allocation
+    line = _render("single_gpu.sh", tmp, env, "--run-dir", "r")
+    assert line == ["-m", "cic_gpt2", "train", "--run-dir", "r"]
+    assert "CUDA_VISIBLE_DEVICES=0" in (tmp / "python.env").read_text().splitlines()
+    (tmp / "python.log").unlink()
+    assert _render("srun.sh", tmp, env, "x=1") == ["-m", "cic_gpt2", "train", "x=1"]
+
+
+@pytest.mark.parametrize("with_scontrol", [True, False], ids=["scontrol", "no-scontrol"])
+def test_deepspeed_sh_under_slurm_writes_the_hostfile(fake_allocation, with_scontrol):
+    tmp, env = fake_allocation
+    env = {**env, "SLURM_TMPDIR": str(tmp), "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4"}
+    if not with_scontrol:
+        (tmp / "bin" / "scontrol").unlink()
+    line = _render("deepspeed.sh", tmp, env, "--data", "d")
+    assert (tmp / "scontrol.log").exists() == with_scontrol
+    joined = " ".join(line)
+    hostfile = tmp / "cic-gpt2-hostfile.4242"
+    assert hostfile.read_text() == "blg4101 slots=4\nblg4102 slots=4\n"
+    assert f"--hostfile {hostfile} --master_addr blg4101 --no_ssh --node_rank 1" in joined
+    assert joined.endswith("--module --no_local_rank cic_gpt2 train --data d")
+    assert line[:2] == ["-m", "deepspeed.launcher.runner"]
+
+
+def test_deepspeed_sh_on_a_workstation(fake_allocation):
+    tmp, env = fake_allocation
+    line = _render("deepspeed.sh", tmp, {**env, "NUM_GPUS": "2", "SLURM_JOB_NODELIST": ""}, "x=1")
+    assert line == ["-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2",
+                    "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
