@@ -85,6 +85,8 @@ class TrainConfig:
     """A file in ds_configs/ (name or path). `auto` picks from precision and device."""
     eval_every: int = 0
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
+    eval_micro_batch_size: int = 0
+    """Examples per rank per forward pass during evaluation (0: twice train.micro_batch_size)."""
     max_skipped_steps: int = 50
     """fp16: stop with advice after this many consecutive overflow-skipped steps."""
 
