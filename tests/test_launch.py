@@ -2,6 +2,7 @@
 and real multi-process training on localhost through each launcher."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -235,3 +236,172 @@ def test_deepspeed_sh_on_a_workstation(fake_allocation):
     line = _render("deepspeed.sh", tmp, {**env, "NUM_GPUS": "2", "SLURM_JOB_NODELIST": ""}, "x=1")
     assert line == ["-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2",
                     "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real training on localhost (CPU, gloo, tiny GPT-2, ZeRO-2): every launcher trains the same model
+# ---------------------------------------------------------------------------------------------
+MAX_STEPS = 16
+TRAIN_ARGS = [
+    "model.name=tiny", f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=4", "train.grad_accum=1",
+    "train.warmup_steps=2", "train.eval_micro_batch_size=64", "log.log_every=1", "log.progress=false",
+    "log.tensorboard=false", "checkpoint.every_steps=0", "dist.timeout_s=120",
+]
+RUN_TIMEOUT_S = 300
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment minus every launcher variable, so each run sees only its launcher's."""
+    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    env.update(PYTHON=sys.executable, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _free_port(lo: int = 0, hi: int = 0) -> int:
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(lo, hi) if hi else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def _run(cmd: list[str], env: dict, log: Path) -> int:
+    with open(log, "w") as out:
+        return subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=RUN_TIMEOUT_S).returncode
+
+
+def _start_slurm_tasks(run_dir: Path, data: Path, *extra: str, ntasks: int = 2) -> list[subprocess.Popen]:
+    """What `srun --ntasks=2 launch/srun.sh ...` does on one node: one process per task, each with only
+    the SLURM_* variables srun sets. The job id is chosen so that the port dist.py derives from it is free."""
+    from cic_gpt2.dist import slurm_port
+
+    port = _free_port(15000, 32000)
+    job_id = str(port - 15000)
+    assert slurm_port(job_id) == port
+    procs = []
+    for rank in range(ntasks):
+        env = _clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(ntasks),
+                         SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id, SLURM_NODEID="0")
+        log = open(run_dir.parent / f"{run_dir.name}.rank{rank}.log", "a")
+        procs.append(subprocess.Popen(
+            ["bash", str(REPO / "launch" / "srun.sh"), "--data", str(data), "--run-dir", str(run_dir),
+             *TRAIN_ARGS, *extra],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float = RUN_TIMEOUT_S) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(run_dir.parent.glob(f"{run_dir.name}*.log")))
+
+
+def _final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted((run_dir / "export").glob("*.safetensors"))
+    assert files, f"no exported weights in {run_dir / 'export'}"
+    weights = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    import json
+
+    import torch
+
+    got, want = _final_weights(run_dir), _final_weights(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-6), name
+    got_m = json.loads((run_dir / "metrics.json").read_text())
+    want_m = json.loads((reference / "metrics.json").read_text())
+    assert got_m["step"] == want_m["step"] == MAX_STEPS and got_m["world_size"] == want_m["world_size"] == 2
+    for split in ("val", "test"):
+        assert got_m[split]["confusion_matrix"] == want_m[split]["confusion_matrix"], split
+        assert got_m[split]["macro_f1"] == pytest.approx(want_m[split]["macro_f1"], abs=1e-9)
+        assert got_m[split]["loss"] == pytest.approx(want_m[split]["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(prepared_v2, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run every other launcher must reproduce: launch/torchrun.sh."""
+    run_dir = tmp_path_factory.mktemp("launch") / "torchrun"
+    rc = _run(["bash", str(REPO / "launch" / "torchrun.sh"), "--data", str(prepared_v2), "--run-dir", str(run_dir),
+               *TRAIN_ARGS], _clean_env(NPROC_PER_NODE="2"), run_dir.parent / "torchrun.log")
+    assert rc == 0, (run_dir.parent / "torchrun.log").read_text()[-5000:]
+    losses = [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == MAX_STEPS and sum(losses[-4:]) < sum(losses[:4])  # it trained
+    return run_dir
+
+
+@pytest.mark.slow
+def test_slurm_variables_only_train_like_torchrun(torchrun_reference, prepared_v2, tmp_path):
+    run_dir = tmp_path / "slurm"
+    codes = _wait_all(_start_slurm_tasks(run_dir, prepared_v2))
+    assert codes == [0, 0], _logs(run_dir)
+    _assert_same_run(run_dir, torchrun_reference)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_like_torchrun(torchrun_reference, prepared_v2, tmp_path):
+    run_dir = tmp_path / "deepspeed"
+    env = _clean_env(NUM_GPUS="2", MASTER_PORT=str(_free_port()))
+    rc = _run(["bash", str(REPO / "launch" / "deepspeed.sh"), "--data", str(prepared_v2), "--run-dir", str(run_dir),
+               *TRAIN_ARGS], env, tmp_path / "deepspeed.log")
+    assert rc == 0, (tmp_path / "deepspeed.log").read_text()[-5000:]
+    _assert_same_run(run_dir, torchrun_reference)
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_75_and_resume_matches(torchrun_reference, prepared_v2, tmp_path):
+    """SIGUSR1 to ONE of two SLURM-style ranks mid-training: both agree, save one complete checkpoint, exit 75;
+    `--resume auto` (what the requeued job runs) finishes with the uninterrupted run's weights."""
+    from cic_gpt2.checkpoint import list_checkpoints
+    from cic_gpt2.preempt import EXIT_REQUEUE
+
+    run_dir = tmp_path / "preempted"
+    procs = _start_slurm_tasks(run_dir, prepared_v2, "--resume", "auto")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while not (metrics.exists() and metrics.read_text().count("train/loss") >= 2):
+            assert all(p.poll() is None for p in procs), _logs(run_dir)
+            assert time.monotonic() < deadline, _logs(run_dir)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGUSR1)  # bash exec'd python: the pid is the rank-1 training process
+    finally:
+        codes = _wait_all(procs)
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], _logs(run_dir)
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1, saved
+    step, tag_dir, complete = saved[0]
+    assert complete and 2 <= step < MAX_STEPS, (step, _logs(run_dir))
+    assert (tag_dir / "run_config.yaml").is_file() and not (run_dir / "export").exists()
+    assert "preempted" in _logs(run_dir)
+
+    codes = _wait_all(_start_slurm_tasks(run_dir, prepared_v2, "--resume", "auto"))
+    assert codes == [0, 0], _logs(run_dir)
+    assert f"resumed from {tag_dir}" in _logs(run_dir)
+    _assert_same_run(run_dir, torchrun_reference)
