@@ -1,0 +1,207 @@
+"""DeepSpeed checkpoints that are complete or ignored, and resume that reproduces the run.
+
+Layout (RUN_DIR/checkpoints/):
+
+    step-000040/                       one tag per save, written by `engine.save_checkpoint` on ALL ranks
+        mp_rank_00_model_states.pt     module weights + our client state (written by data-parallel rank 0)
+        *_optim_states.pt              one ZeRO optimizer partition per rank
+        rng_state_rank{R}.pt           each rank's RNG states (dropout continues exactly after resume)
+        run_config.yaml                resolved run config          \
+        data_manifest.json             the prepared data's manifest  } rank 0, so `cic-gpt2 export` can
+        ds_config.json                 the final DeepSpeed dict     /  rebuild the model from the tag alone
+        COMPLETE                       written by rank 0 last, after a barrier shows every rank finished
+    latest                             DeepSpeed's pointer (not trusted: it may name a partial save)
+
+Only tags with COMPLETE count: `latest_complete` never picks a half-written save, and pruning (rank 0,
+keep the last `checkpoint.keep_last`) only ever deletes complete ones, oldest first.
+
+A checkpoint written at one world size resumes at another only through DeepSpeed's universal format;
+`load` stops with a message naming the conversion command instead of loading mismatched partitions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cic_gpt2.errors import CicError, ConfigError
+
+COMPLETE_MARKER = "COMPLETE"
+_TAG_RE = re.compile(r"^step-(\d{6,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def is_complete(tag_dir: str | Path) -> bool:
+    return (Path(tag_dir) / COMPLETE_MARKER).is_file()
+
+
+def read_marker(tag_dir: str | Path) -> dict:
+    return json.loads((Path(tag_dir) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path, bool]]:
+    """(step, tag dir, complete) for every `step-NNNNNN` dir, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for child in ckpt_dir.iterdir():
+        m = _TAG_RE.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child, is_complete(child)))
+    return sorted(found)
+
+
+def latest_complete(ckpt_dir: str | Path) -> Optional[Path]:
+    complete = [path for _, path, ok in list_checkpoints(ckpt_dir) if ok]
+    return complete[-1] if complete else None
+
+
+def resolve_resume(spec: str, run_dir: str | Path) -> Optional[Path]:
+    """`checkpoint.resume` -> the tag dir to load, or None for a fresh start.
+
+    `none`: fresh. `auto`: the latest COMPLETE checkpoint under RUN_DIR/checkpoints, fresh if there is none.
+    A path: that tag dir, which must be complete."""
+    if spec in ("none", ""):
+        return None
+    if spec == "auto":
+        return latest_complete(Path(run_dir) / "checkpoints")
+    path = Path(spec)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={spec}: no such checkpoint directory")
+    if not is_complete(path):
+        raise ConfigError(
+            f"checkpoint.resume={spec} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save was "
+            f"interrupted); pick an older step-* directory or use --resume auto"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state (per rank: dropout masks differ between ranks and must continue exactly)
+# --------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / prune / load
+# --------------------------------------------------------------------------------------------------
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save(
+    engine,
+    ckpt_dir: str | Path,
+    step: int,
+    client_state: dict,
+    *,
+    rank: int,
+    world_size: int,
+    is_main: bool,
+    side_files: dict[str, str],
+    keep_last: int,
+) -> Path:
+    """Save on EVERY rank (DeepSpeed's save is a collective). Returns the tag dir, complete on return.
+
+    `side_files` ({file name: text}) are written by rank 0 into the tag dir before the COMPLETE marker."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a partial save of a crashed run, or a stale one: never mix files of two saves
+            shutil.rmtree(tag_dir)
+    _barrier()
+    state = dict(client_state, world_size=world_size)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
+    torch.save(rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
+    _barrier()  # every rank's partition and RNG file is on disk
+    if is_main:
+        for name, text in side_files.items():
+            _write_atomic(tag_dir / name, text)
+        marker = {"step": step, "world_size": world_size, "time": time.time()}
+        _write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n")
+        prune(ckpt_dir, keep_last)
+    _barrier()  # nobody leaves (e.g. to exit for requeue) before the marker exists
+    return tag_dir
+
+
+def prune(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` COMPLETE checkpoints (rank 0 only). Partial ones are left alone:
+    one may be a save in progress; the next save of the same tag replaces it."""
+    complete = [path for _, path, ok in list_checkpoints(ckpt_dir) if ok]
+    doomed = complete[:-keep_last] if keep_last > 0 else []
+    for path in doomed:
+        # Remove the marker first: a crash mid-delete leaves a partial dir, never a "complete" broken one.
+        (path / COMPLETE_MARKER).unlink()
+        shutil.rmtree(path)
+    return doomed
+
+
+def check_compatible(tag_dir: Path, world_size: int, global_batch_size: int) -> dict:
+    """Marker of `tag_dir`, after checking the run can continue from it; names the way out otherwise."""
+    marker = read_marker(tag_dir)
+    saved_world = int(marker["world_size"])
+    if saved_world != world_size:
+        raise CicError(
+            f"checkpoint {tag_dir} was written by {saved_world} ranks, this run has {world_size}: ZeRO optimizer "
+            f"partitions do not reshard by themselves. Resume with {saved_world} processes "
+            f"(torchrun --nproc_per_node {saved_world}), or start fresh from its weights: "
+            f"`cic-gpt2 export {tag_dir}` then model.name=<export dir> model.pretrained=true"
+        )
+    return marker
+
+
+def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size: int) -> dict:
+    """Load weights, optimizer partition, LR scheduler and this rank's RNG; returns our client state."""
+    check_compatible(tag_dir, world_size, global_batch_size)
+    load_path, client_state = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise CicError(f"DeepSpeed could not load checkpoint {tag_dir} (files missing?); pick another step-* dir")
+    saved_global = int(client_state.get("global_batch_size", global_batch_size))
+    if saved_global != global_batch_size:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was trained with global batch {saved_global}, this run has {global_batch_size}: "
+            f"the data position would not match; set train.micro_batch_size / train.grad_accum so that "
+            f"micro_batch_size * grad_accum * world_size = {saved_global}"
+        )
+    rng_file = tag_dir / f"rng_state_rank{rank}.pt"
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
