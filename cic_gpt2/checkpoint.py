@@ -15,8 +15,11 @@ Layout (RUN_DIR/checkpoints/):
 Only tags with COMPLETE count: `latest_complete` never picks a half-written save, and pruning (rank 0,
 keep the last `checkpoint.keep_last`) only ever deletes complete ones, oldest first.
 
-A checkpoint written at one world size resumes at another only through DeepSpeed's universal format;
-`load` stops with a message naming the conversion command instead of loading mismatched partitions.
+A checkpoint written at one world size resumes at another through DeepSpeed's universal format: rank 0
+converts the tag once (`python -m deepspeed.checkpoint.ds_to_universal`, into step-NNNNNN/universal/, which
+is pruned with its tag) and every rank loads its new partition from it (`checkpoint.load_universal` in the
+DeepSpeed dict). The global batch must stay the same (scale train.grad_accum), so the data position and
+the LR schedule carry over; dropout RNG streams cannot (they belong to ranks that no longer exist).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +40,9 @@ import torch
 from cic_gpt2.errors import CicError, ConfigError
 
 COMPLETE_MARKER = "COMPLETE"
+UNIVERSAL_DIR = "universal"
+# ds_to_universal refuses checkpoints without this key in the client state.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 _TAG_RE = re.compile(r"^step-(\d{6,})$")
 
 
@@ -147,7 +155,7 @@ def save(
         if tag_dir.exists():  # a partial save of a crashed run, or a stale one: never mix files of two saves
             shutil.rmtree(tag_dir)
     _barrier()
-    state = dict(client_state, world_size=world_size)
+    state = dict(client_state, world_size=world_size, **UNIVERSAL_INFO)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
     torch.save(rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
     _barrier()  # every rank's partition and RNG file is on disk
@@ -173,25 +181,46 @@ def prune(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def check_compatible(tag_dir: Path, world_size: int, global_batch_size: int) -> dict:
-    """Marker of `tag_dir`, after checking the run can continue from it; names the way out otherwise."""
-    marker = read_marker(tag_dir)
-    saved_world = int(marker["world_size"])
-    if saved_world != world_size:
-        raise CicError(
-            f"checkpoint {tag_dir} was written by {saved_world} ranks, this run has {world_size}: ZeRO optimizer "
-            f"partitions do not reshard by themselves. Resume with {saved_world} processes "
-            f"(torchrun --nproc_per_node {saved_world}), or start fresh from its weights: "
-            f"`cic-gpt2 export {tag_dir}` then model.name=<export dir> model.pretrained=true"
-        )
-    return marker
+def saved_world_size(tag_dir: Path) -> int:
+    return int(read_marker(tag_dir)["world_size"])
 
 
-def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size: int) -> dict:
-    """Load weights, optimizer partition, LR scheduler and this rank's RNG; returns our client state."""
-    check_compatible(tag_dir, world_size, global_batch_size)
+def convert_to_universal(tag_dir: Path, *, is_main: bool) -> Path:
+    """Collective. Rank 0 converts `tag_dir` (once) to DeepSpeed's universal format, written to a temp dir
+    and renamed when complete; every rank gets the result or the same error."""
+    import torch.distributed as tdist
+
+    out = tag_dir / UNIVERSAL_DIR
+    error = None
+    if is_main and not is_complete(out):
+        tmp = tag_dir / f".{UNIVERSAL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            error = (f"converting {tag_dir} (written by {saved_world_size(tag_dir)} ranks) to a universal checkpoint "
+                     f"failed: {last}. Resume with {saved_world_size(tag_dir)} processes instead")
+        else:
+            shutil.copy(tag_dir / COMPLETE_MARKER, tmp / COMPLETE_MARKER)
+            os.replace(tmp, out)
+    if tdist.is_available() and tdist.is_initialized():
+        box = [error]
+        tdist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CicError(error)
+    return out
+
+
+def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size: int, universal: bool) -> dict:
+    """Load weights, optimizer partition, LR scheduler and this rank's RNG; returns our client state.
+    `universal`: load from tag_dir/universal (the engine must have been built with checkpoint.load_universal)."""
+    load_dir, tag = (tag_dir, UNIVERSAL_DIR) if universal else (tag_dir.parent, tag_dir.name)
     load_path, client_state = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise CicError(f"DeepSpeed could not load checkpoint {tag_dir} (files missing?); pick another step-* dir")
@@ -203,5 +232,6 @@ def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size
             f"micro_batch_size * grad_accum * world_size = {saved_global}"
         )
     rng_file = tag_dir / f"rng_state_rank{rank}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_file.is_file():  # absent for ranks that did not exist when it was saved
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state

@@ -110,6 +110,11 @@ class Trainer:
         from cic_gpt2.preempt import PreemptionWatcher
         from cic_gpt2.tokenizer import load_tokenizer
 
+        # A checkpoint from another world size is resharded through DeepSpeed's universal format.
+        self.universal = resume_from is not None and checkpoint.saved_world_size(resume_from) != info.world_size
+        if self.universal:
+            checkpoint.convert_to_universal(resume_from, is_main=info.is_main)
+            ds_dict = {**ds_dict, "checkpoint": {**ds_dict.get("checkpoint", {}), "load_universal": True}}
         self.cfg, self.info, self.ds_dict, self.prepared = cfg, info, ds_dict, prepared
         self.run_dir = Path(cfg.log.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -161,7 +166,7 @@ class Trainer:
         self.start_step = 0
         if resume_from is not None:
             state = checkpoint.load(self.engine, resume_from, rank=info.rank, world_size=info.world_size,
-                                    global_batch_size=self.global_batch_size)
+                                    global_batch_size=self.global_batch_size, universal=self.universal)
             self.step = self.start_step = self.last_saved_step = int(state["step"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
         else:
@@ -185,6 +190,7 @@ class Trainer:
             f"= {tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {self.precision}, "
             f"ZeRO-{self.engine.zero_optimization_stage()})"
             + (f", resumed from {resume_from} at step {self.start_step}" if resume_from is not None else "")
+            + (" (resharded via a universal checkpoint)" if self.universal else "")
         )
 
     # ---------------------------------------------------------------------------------------------- loop

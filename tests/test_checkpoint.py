@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cic_gpt2 import checkpoint as ckpt
-from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.errors import ConfigError
 
 
 def _tag(root, step, complete=True, world_size=2):
@@ -58,11 +58,9 @@ def test_prune_keeps_the_newest_complete_and_never_touches_partial(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-000005", "step-000020", "step-000030", "step-000040"]
 
 
-def test_world_size_change_is_refused_with_the_way_out(tmp_path):
+def test_marker_records_the_world_size_that_wrote_it(tmp_path):
     tag = _tag(tmp_path / "checkpoints", 8, world_size=2)
-    assert ckpt.check_compatible(tag, world_size=2, global_batch_size=4)["step"] == 8
-    with pytest.raises(CicError, match=r"written by 2 ranks, this run has 1.*--nproc_per_node 2.*cic-gpt2 export"):
-        ckpt.check_compatible(tag, world_size=1, global_batch_size=4)
+    assert ckpt.saved_world_size(tag) == 2
 
 
 def test_rng_state_round_trip():
