@@ -42,9 +42,9 @@ def _as_label_array(values, name: str, num_classes: int) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise DataError(f"{name} must be a 1-D sequence of class ids, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise DataError(f"{name} must hold integer class ids, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind not in "iu":
+        if arr.dtype.kind != "f" or not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise DataError(f"{name} must hold integer class ids (map label names through label2id), got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     bad = (arr < 0) | (arr >= num_classes)
     if bad.any():

@@ -102,6 +102,8 @@ def test_roc_auc_none_when_one_class_in_y_true():
         ([0, 1, 2], [0, 1], None, "3 rows but y_pred has 2"),
         ([0, 1], [0, 1], np.ones((2, 2)), r"probs has shape \(2, 2\), expected \(2, 3\)"),
         ([], [], None, "no rows"),
+        (["a", "b"], [0, 1], None, "y_true must hold integer class ids"),
+        ([0.0, 1.5], [0, 1], None, "y_true must hold integer class ids"),
     ],
 )
 def test_bad_input_names_the_problem(y_true, y_pred, probs, match):
