@@ -71,16 +71,32 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("data.path is not set: pass --data DIR (a directory written by `cic-gpt2 prepare`)")
     ds_dict, ds_path = ds_config.load_and_build(cfg.train, info.world_size)
     prepared = load_prepared(cfg.data.path)
+    tokenizer = load_tokenizer_for(prepared)
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir)
+    if resume_from is None and checkpoint.latest_complete(Path(cfg.log.run_dir) / "checkpoints") is not None:
+        raise ConfigError(
+            f"{cfg.log.run_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
+            f"or pick a new --run-dir"
+        )
     dist.init(info, cfg.dist.timeout_s)
     trainer = None
     try:
-        trainer = Trainer(cfg, info, ds_dict, prepared, resume_from)
+        trainer = Trainer(cfg, info, ds_dict, prepared, tokenizer, resume_from)
         return trainer.fit()
     finally:
         if trainer is not None:
             trainer.close()
         dist.destroy()
+
+
+def load_tokenizer_for(prepared):
+    """The tokenizer the prepared ids were made with; refuses a dataset whose fingerprint differs."""
+    from cic_gpt2.data import check_tokenizer
+    from cic_gpt2.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared.manifest.get("tokenizer", {}).get("source"))
+    check_tokenizer(prepared.manifest, tokenizer)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +115,8 @@ class Window:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, resume_from: Optional[Path]):
+    def __init__(self, cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, tokenizer,
+                 resume_from: Optional[Path]):
         import deepspeed
         import torch
 
@@ -108,7 +125,6 @@ class Trainer:
         from cic_gpt2.loggers import build_logger
         from cic_gpt2.model import build_model
         from cic_gpt2.preempt import PreemptionWatcher
-        from cic_gpt2.tokenizer import load_tokenizer
 
         # A checkpoint from another world size is resharded through DeepSpeed's universal format.
         self.universal = resume_from is not None and checkpoint.saved_world_size(resume_from) != info.world_size
@@ -122,13 +138,7 @@ class Trainer:
         self.device = dist.device(info)
         tr = cfg.train
 
-        if resume_from is None and checkpoint.latest_complete(self.ckpt_dir) is not None:
-            raise ConfigError(
-                f"{self.run_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
-                f"or pick a new --run-dir"
-            )
-        self.tokenizer = load_tokenizer(prepared.manifest.get("tokenizer", {}).get("source_path"))
-        data_mod.check_tokenizer(prepared.manifest, self.tokenizer)
+        self.tokenizer = tokenizer
         self.label_names = list(prepared.label_names)
 
         torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)

@@ -1,0 +1,268 @@
+"""`cic-gpt2 train` end to end on CPU: real DeepSpeed ZeRO-2 on gloo, real torchrun processes, the bundled
+real CICIoT2023 rows (conftest's `prepared_v2`), a tiny GPT-2 built from a config.
+
+One session-scoped 2-process run (`two_rank_run`) is inspected by several tests; the resume, batch
+equivalence and 1-vs-2-rank evaluation tests each add one short run next to it.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from cic_gpt2 import checkpoint as ckpt
+from cic_gpt2.loggers import read_jsonl
+from conftest import run_cli
+
+STEPS = 8
+# dropout 0 (tiny preset) and a fixed seed: runs that see the same global batches give the same losses.
+COMMON = ["model.name=tiny", f"train.max_steps={STEPS}", "train.lr=2e-3", "train.warmup_steps=2", "train.seed=7",
+          "log.log_every=1", "log.progress=false", "train.eval_micro_batch_size=16"]
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def torchrun(nproc: int, *argv, timeout: int = 300) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cic_gpt2", "train",
+                 *map(str, argv)], timeout)
+
+
+def train_single(*argv, timeout: int = 300) -> subprocess.CompletedProcess:
+    """No launcher at all: `cic-gpt2 train` sets up its own one-rank process group."""
+    return _run([sys.executable, "-m", "cic_gpt2", "train", *map(str, argv)], timeout)
+
+
+@contextmanager
+def _single_process_env():
+    """In-process runs export RANK/WORLD_SIZE/MASTER_* (dist.init does); leave os.environ as it was."""
+    saved = dict(os.environ)
+    for key in RANK_VARS:
+        os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def train_here(*argv) -> int:
+    """In this process (for runs that stop with a user error: the CLI's exit status and stderr line)."""
+    with _single_process_env():
+        return run_cli("train", *argv)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r}
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(prepared_v2, tmp_path_factory) -> Path:
+    """2 processes x micro-batch 2, checkpoints at steps 4 and 8, export at the end."""
+    run_dir = tmp_path_factory.mktemp("train") / "two_rank"
+    torchrun(2, "--data", prepared_v2, "--run-dir", run_dir, *COMMON, "train.micro_batch_size=2",
+             "checkpoint.every_steps=4", "checkpoint.keep_last=2")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_run_trains_and_writes_its_outputs(two_rank_run, prepared_v2):
+    per_step = losses(two_rank_run)
+    assert sorted(per_step) == list(range(1, STEPS + 1))
+    first, last = per_step[1], sum(per_step[s] for s in range(STEPS - 2, STEPS + 1)) / 3
+    assert last < first - 0.1, f"loss did not fall: {per_step}"
+
+    ds = json.loads((two_rank_run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 2 * 1 * 2
+    assert (two_rank_run / "config.yaml").is_file()
+    records = read_jsonl(two_rank_run / "metrics.jsonl")
+    keys = set().union(*records)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/skipped_steps",
+                "perf/tokens_per_s", "perf/samples_per_s", "perf/max_mem_gb", "val/loss", "val/macro_f1",
+                "val/weighted_f1", "val/accuracy", "test/macro_f1"):
+        assert key in keys, key
+    assert list((two_rank_run / "tb").glob("events.out.tfevents.*")), "TensorBoard events"
+    summary = json.loads((two_rank_run / "metrics.json").read_text())
+    manifest = json.loads((prepared_v2 / "manifest.json").read_text())
+    for split in ("val", "test"):
+        m = summary[split]
+        assert m["n"] == manifest["splits"][split]["rows"], "every row once: padding duplicates dropped"
+        assert sum(map(sum, m["confusion_matrix"])) == m["n"]
+        assert set(m["per_class"]) == set(manifest["label_names"])
+    for png in ("loss_curve.png", "confusion_matrix.png"):
+        assert (two_rank_run / png).stat().st_size > 1000
+    assert (two_rank_run / "export" / "config.json").is_file()
+
+    tags = [(step, ok) for step, _, ok in ckpt.list_checkpoints(two_rank_run / "checkpoints")]
+    assert tags == [(4, True), (8, True)]
+    tag = two_rank_run / "checkpoints" / "step-000008"
+    for name in ("run_config.yaml", "data_manifest.json", "ds_config.json", "rng_state_rank0.pt", "rng_state_rank1.pt"):
+        assert (tag / name).is_file(), name
+    assert json.loads((tag / "data_manifest.json").read_text())["label_names"] == manifest["label_names"]
+
+
+@pytest.mark.slow
+def test_zero2_optimizer_state_is_partitioned_across_ranks(two_rank_run):
+    tag = two_rank_run / "checkpoints" / "step-000008"
+    model_states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    n_params = sum(shape.numel() for group in model_states["param_shapes"] for shape in group.values())
+    partitions, padding = [], 0
+    for rank in (0, 1):
+        optim = torch.load(tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        state = optim["optimizer_state_dict"]
+        assert state["zero_stage"] == 2 and state["partition_count"] == [2] * len(state["partition_count"])
+        fp32 = sum(t.numel() for t in state["single_partition_of_fp32_groups"])
+        adam_m = sum(s["exp_avg"].numel() for s in state["base_optimizer_state"]["state"].values())
+        assert adam_m == fp32, "Adam moments cover this rank's partition only"
+        partitions.append(fp32)
+        padding += sum(state["group_paddings"])  # alignment padding, on the last rank's partition
+    assert all(p < 0.51 * n_params for p in partitions), (partitions, n_params)
+    assert sum(partitions) - padding == n_params, "the two partitions together hold every parameter once"
+
+
+@pytest.mark.slow
+def test_resume_from_latest_complete_checkpoint_equals_the_uninterrupted_run(two_rank_run, prepared_v2, tmp_path):
+    """A run stopped after step 4 (its step-4 checkpoint, plus a half-written step-6 save that must be ignored)
+    continues under `--resume auto` and logs the same losses as the run that never stopped."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(two_rank_run / "checkpoints" / "step-000004", run_dir / "checkpoints" / "step-000004")
+    partial = run_dir / "checkpoints" / "step-000006"
+    shutil.copytree(two_rank_run / "checkpoints" / "step-000008", partial)
+    (partial / ckpt.COMPLETE_MARKER).unlink()
+    proc = torchrun(2, "--data", prepared_v2, "--run-dir", run_dir, "--resume", "auto", *COMMON,
+                    "train.micro_batch_size=2", "checkpoint.every_steps=4", "checkpoint.export=false")
+    assert "resumed from" in proc.stdout + proc.stderr and "step-000004" in proc.stdout + proc.stderr
+    resumed, reference = losses(run_dir), losses(two_rank_run)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in range(5, 9)] == [reference[s] for s in range(5, 9)], "bitwise equal on CPU"
+    assert ckpt.latest_complete(run_dir / "checkpoints") == run_dir / "checkpoints" / "step-000008"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro, accum", [(4, 1), (1, 4)])
+def test_same_global_batch_gives_the_same_losses(two_rank_run, prepared_v2, tmp_path, micro, accum):
+    """micro 4 x accumulation 1 == micro 1 x accumulation 4 == 2 ranks x micro 2 (float tolerance)."""
+    run_dir = tmp_path / f"m{micro}a{accum}"
+    train_single("--data", prepared_v2, "--run-dir", run_dir, *COMMON, f"train.micro_batch_size={micro}",
+                 f"train.grad_accum={accum}", "checkpoint.export=false")
+    got, reference = losses(run_dir), losses(two_rank_run)
+    assert sorted(got) == sorted(reference)
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_one_rank_evaluation_of_two_rank_weights_is_identical(two_rank_run, prepared_v2, tmp_path):
+    """One process loads the 2-rank step-8 checkpoint (resharded through DeepSpeed's universal format; global
+    batch kept at 4 via grad_accum 2) and evaluates without training: same predictions, same metrics."""
+    run_dir = tmp_path / "one_rank_eval"
+    train_single("--data", prepared_v2, "--run-dir", run_dir, "--resume", two_rank_run / "checkpoints" / "step-000008",
+                 *COMMON, "train.micro_batch_size=2", "train.grad_accum=2", "checkpoint.export=false")
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, two_rank_run))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["step"] == two["step"] == STEPS
+    for split in ("val", "test"):
+        for key in ("confusion_matrix", "accuracy", "macro_f1", "weighted_f1", "per_class", "n"):
+            assert one[split][key] == two[split][key], (split, key)
+        assert one[split]["loss"] == pytest.approx(two[split]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_causal_lm_head_trains_and_predicts(prepared_v2, tmp_path):
+    run_dir = tmp_path / "causal"
+    train_single("--data", prepared_v2, "--run-dir", run_dir, "model.name=tiny", "model.head=causal-lm",
+                 "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=2", "train.micro_batch_size=8",
+                 "log.log_every=1", "log.progress=false", "checkpoint.export=false")
+    per_step = losses(run_dir)
+    assert per_step[12] < per_step[1], per_step
+    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert test["n"] > 0 and sum(map(sum, test["confusion_matrix"])) == test["n"]
+    assert 0.0 <= test["macro_f1"] <= 1.0
+
+
+def _prepared_copy(prepared_v2: Path, tmp_path: Path, **manifest_changes) -> Path:
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared_v2, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for dotted, value in manifest_changes.items():
+        node = manifest
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_mismatched_tokenizer_fingerprint_is_refused(prepared_v2, tmp_path, capsys):
+    bad = _prepared_copy(prepared_v2, tmp_path, tokenizer__fingerprint="0123456789abcdef")
+    assert train_here("--data", bad, "--run-dir", tmp_path / "run", *COMMON) == 2
+    err = capsys.readouterr().err
+    assert "0123456789abcdef" in err and "fingerprint" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.ds_config=no_such_config"], "train.ds_config='no_such_config'"),
+        (["train.lrr=1"], "unknown config key train.lrr"),
+        (["train.precision=fp16"], "fp16"),
+        (["train.micro_batch_size=100000"], "train.micro_batch_size"),
+        (["train.precision=bf16", "train.ds_config=zero2_cpu"], "train.precision=bf16"),
+    ],
+)
+def test_config_errors_name_the_key(prepared_v2, tmp_path, capsys, overrides, expected):
+    if "train.precision=fp16" in overrides:
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().is_fp16_supported() or torch.cuda.is_available():
+            pytest.skip("this device supports fp16")
+    assert train_here("--data", prepared_v2, "--run-dir", tmp_path / "run", *COMMON, *overrides) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_missing_data_and_occupied_run_dir_are_refused(two_rank_run, prepared_v2, tmp_path, capsys):
+    assert train_here("--run-dir", tmp_path / "run", *COMMON) == 2
+    assert "data.path" in capsys.readouterr().err
+    assert train_here("--data", prepared_v2, "--run-dir", two_rank_run, *COMMON) == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+def test_fp16_overflow_steps_are_counted_and_stop_the_run(prepared_v2, tmp_path, capsys):
+    """An absurd initial loss scale makes every step overflow; after train.max_skipped_steps the run stops
+    with advice. Needs an fp16-capable device (CUDA): DeepSpeed's CPU accelerator here has no fp16."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("DeepSpeed reports no fp16 support on this accelerator (CPU): fp16 runs need a GPU")
+    ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero2_fp16.json").read_text())
+    ds["fp16"].update(initial_scale_power=120, min_loss_scale=2**100, hysteresis=1)
+    path = tmp_path / "overflowing_fp16.json"
+    path.write_text(json.dumps(ds))
+    rc = train_here("--data", prepared_v2, "--run-dir", tmp_path / "run", *COMMON, f"train.ds_config={path}",
+                    "train.max_skipped_steps=3")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "3 optimizer steps in a row were skipped" in err and "train.lr" in err
