@@ -1,5 +1,8 @@
 """`cic-gpt2 bench`: the memory arithmetic against hand arithmetic, and a real CPU engine benchmark."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,3 +89,52 @@ def test_bench_memory_cli(tmp_path, capsys):
 def test_bench_memory_rejects_unknown_model(capsys):
     assert run_cli("bench", "memory", "--model", "gpt5-huge") == 2
     assert "gpt5-huge" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- bench train
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def _bench_train(*argv) -> subprocess.CompletedProcess:
+    """`cic-gpt2 bench train` in its own process, as a user runs it (it sets up its own process group)."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    proc = subprocess.run([sys.executable, "-m", "cic_gpt2", "bench", "train", *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_bench_train_cpu_tiny_on_prepared_lengths(prepared_v2, tmp_path):
+    out = tmp_path / "bench.json"
+    steps, micro, accum = 3, 4, 2
+    proc = _bench_train("--data", prepared_v2, "--steps", steps, "--warmup-steps", 1, "--output", out,
+                        "model.name=tiny", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}")
+    r = json.loads(out.read_text())
+    assert "samples/s" in proc.stdout and "MFU n/a" in proc.stdout
+    assert (r["device"], r["precision"], r["world_size"], r["steps"]) == ("cpu", "fp32", 1, steps)
+    assert r["samples"] == steps * micro * accum  # warm-up steps are not counted
+    assert 0 < r["tokens_nonpad"] <= r["tokens_padded"]
+    assert r["tokens_padded"] % 8 == 0  # dynamic padding to a multiple of data.pad_to_multiple_of
+    lengths = [int(n) for n in __import__("datasets").load_from_disk(str(prepared_v2 / "train"))["length"]]
+    assert min(lengths) <= r["tokens_nonpad"] / r["samples"] <= max(lengths)  # real length distribution
+    assert r["tokens_per_s_padded"] >= r["tokens_per_s_nonpad"] > 0 and r["samples_per_s"] > 0
+    phases = r["forward_s_per_step"] + r["backward_s_per_step"] + r["optimizer_s_per_step"]
+    assert min(r["forward_s_per_step"], r["backward_s_per_step"], r["optimizer_s_per_step"]) > 0
+    assert phases <= r["step_time_s"]
+    assert r["samples_per_s"] == pytest.approx(r["samples"] / r["wall_s"])
+    assert r["model_flops_per_token"] > 6 * r["params"] * 0.5 and r["mfu"] is None and "cpu" in r["mfu_note"]
+    assert len(r["peak_mem_gib_per_rank"]) == 1 and 0.05 < r["peak_mem_gib_per_rank"][0] < 20
+    assert r["skipped_steps"] == 0
+
+
+def test_bench_train_fixed_length_has_no_padding(tmp_path):
+    out = tmp_path / "bench.json"
+    _bench_train("--seq-len", 24, "--num-labels", 3, "--steps", 2, "--warmup-steps", 0, "--output", out,
+                 "model.name=tiny", "train.micro_batch_size=2")
+    r = json.loads(out.read_text())
+    assert r["tokens_padded"] == r["tokens_nonpad"] == 2 * 2 * 24 and r["mean_padded_len"] == 24
+
+
+def test_bench_train_needs_lengths(capsys):
+    assert run_cli("bench", "train", "model.name=tiny") == 2
+    assert "--seq-len" in capsys.readouterr().err
