@@ -36,6 +36,13 @@ class ModelConfig:
     answer, loss on the answer tokens only, prediction by scoring each label's tokens."""
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (GPT-2-Large on a 16 GB V100)."""
+    dropout: Optional[float] = None
+    """Override GPT-2's dropout (embd/attn/resid_pdrop; None: the preset's or checkpoint's, 0.1 for GPT-2).
+    0.0 makes a step independent of how the global batch is split (micro-batches, ranks)."""
+
+    def __post_init__(self) -> None:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1), or unset")
 
 
 @dataclass(frozen=True)
