@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ class _FileLayout:
 
 def resolve_layout(path: Path, label_column: str | None, require_label: bool) -> tuple[str, _FileLayout]:
     header = read_header(path)
+    if label_column is not None and label_column not in header and not require_label:
+        label_column = None  # unlabeled input (predict): fall back to auto-detection, which may find none
     try:
         fmt, label = schema.detect_format(header, label_column)
     except ValueError as e:
@@ -179,19 +182,23 @@ class EncodedChunk:
 
 
 def _read_chunks(layout: _FileLayout, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    usecols = layout.feature_columns + [c for c in (layout.label_column, layout.text_column) if c]
+    n = 0
     try:
+        # index_col=False: a first data row with extra fields must not silently become an index.
         reader = pd.read_csv(layout.path, chunksize=chunk_rows, encoding="utf-8", skipinitialspace=True,
-                             usecols=lambda c: str(c).strip().lstrip("\ufeff") in usecols,
-                             dtype={c: "str" for c in (layout.label_column, layout.text_column) if c})
-        n = 0
-        for chunk in reader:
+                             index_col=False, dtype={c: "str" for c in (layout.label_column, layout.text_column) if c})
+        while True:
+            with warnings.catch_warnings():  # around next() only: never left active across a yield
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                chunk = next(reader, None)
+            if chunk is None:
+                break
             chunk.columns = [str(c).strip().lstrip("\ufeff") for c in chunk.columns]
             n += len(chunk)
             yield chunk
-    except pd.errors.ParserError as e:
-        raise DataError(f"{layout.path}: malformed CSV ({str(e).strip().splitlines()[-1]}); fix or remove "
-                        f"that line") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
+        raise DataError(f"{layout.path}: malformed CSV ({str(e).strip().splitlines()[-1]}) near data row {n}; "
+                        f"fix or remove that line") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{layout.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if n == 0:
@@ -212,7 +219,7 @@ def _check_chunk(df: pd.DataFrame, layout: _FileLayout, spec: InputSpec):
     names: list | np.ndarray = [None] * n
     unknown: dict[str, int] = {}
     if layout.label_column is not None:
-        raw = df[layout.label_column]
+        raw = df[layout.label_column].astype("string")  # numeric labels too; NA stays NA
         missing = raw.isna().to_numpy() | (raw.fillna("").str.strip() == "").to_numpy()
         mark(missing, "missing_label")
         codes, uniques = pd.factorize(raw.fillna("").str.strip())
@@ -269,8 +276,8 @@ def _encode_chunk(task) -> EncodedChunk:
     input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
     kept_names = list(np.asarray(names, dtype=object)[keep])
     labels = np.full(len(kept_names), -1, dtype=np.int32)
-    if spec.label2id is not None:
-        labels = np.array([spec.label2id[m] for m in kept_names], dtype=np.int32) if kept_names else labels
+    if spec.label2id is not None and layout.label_column is not None and kept_names:
+        labels = np.array([spec.label2id[m] for m in kept_names], dtype=np.int32)
     return EncodedChunk(
         path=str(layout.path), row_ids=row_ids[keep], input_ids=input_ids, labels=labels, label_names=kept_names,
         features=features, dropped_row_ids=row_ids[~keep],
@@ -542,8 +549,8 @@ def main(args: argparse.Namespace) -> int:
         dropped: Counter = Counter()
         rows_by_file: Counter = Counter()
         rows_path = work / "rows.arrow"
-        bar = tqdm(unit=" rows", unit_scale=True, desc="prepare", dynamic_ncols=True, file=sys.stderr)
-        with pa.ipc.new_stream(str(rows_path), _schema(len(features))) as writer:
+        with tqdm(unit=" rows", unit_scale=True, desc="prepare", dynamic_ncols=True, file=sys.stderr) as bar, \
+                pa.ipc.new_stream(str(rows_path), _schema(len(features))) as writer:
             for chunk in _stream(layouts, spec, args.chunk_rows, workers, args.tokenizer,
                                  tok if workers <= 1 else None, False):
                 if chunk.unknown and args.unknown_labels == "error":
@@ -558,7 +565,6 @@ def main(args: argparse.Namespace) -> int:
                 dropped.update(chunk.dropped_reasons)
                 rows_by_file[chunk.path] += chunk.rows_read
                 bar.update(chunk.rows_read)
-        bar.close()
         t_encode = time.perf_counter() - t0
         labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int16)
         if len(labels) == 0:
