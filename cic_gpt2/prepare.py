@@ -159,7 +159,8 @@ class EncodedChunk:
 
     Kept rows (n):   row_ids int64 (global, 0-based over all input files' data rows), input_ids
                      pa.ListArray<int32> (GPT-2 ids, no special tokens), labels int32 (class id, -1 when
-                     unlabeled), label_names (class name per row, None when unlabeled), features float32
+                     unlabeled), label_codes int32 + label_uniques (class name of each row is
+                     label_uniques[label_codes[i]]; code -1 when unlabeled), features float32
                      (n, n_features; (n, 0) for text input), texts (pa.StringArray, only with_text=True).
     Dropped rows:    dropped_row_ids int64 and dropped_reasons (list[str], one of REASONS) in row order.
     rows_read = n + len(dropped_row_ids); path = the source file.
@@ -168,13 +169,19 @@ class EncodedChunk:
     row_ids: np.ndarray
     input_ids: pa.ListArray
     labels: np.ndarray
-    label_names: list
+    label_codes: np.ndarray
+    label_uniques: list[str]
     features: np.ndarray
     dropped_row_ids: np.ndarray
     dropped_reasons: list[str]
     rows_read: int
     texts: pa.Array | None = None
     unknown: dict[str, int] = field(default_factory=dict)  # unknown raw label -> first row id
+
+    @property
+    def label_names(self) -> list[str | None]:
+        """Class name of each kept row (None when unlabeled)."""
+        return [self.label_uniques[c] if c >= 0 else None for c in self.label_codes.tolist()]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -255,10 +262,16 @@ def _check_chunk(df: pd.DataFrame, layout: _FileLayout, spec: InputSpec):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str | None, tokenizer=None) -> None:
-    from cic_gpt2.tokenizer import WordEncoder, load_tokenizer
+def _init_worker(tokenizer) -> None:
+    """tokenizer: a loaded tokenizer, or its Rust backend serialized as JSON (cheap to ship to workers, and
+    a worker then never imports transformers)."""
+    from cic_gpt2.tokenizer import WordEncoder
 
-    _WORKER["encoder"] = WordEncoder(tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path))
+    if isinstance(tokenizer, str):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(tokenizer)
+    _WORKER["encoder"] = WordEncoder(tokenizer)
 
 
 def _encode_chunk(task) -> EncodedChunk:
@@ -274,12 +287,15 @@ def _encode_chunk(task) -> EncodedChunk:
         features = np.zeros((int(keep.sum()), 0), dtype=np.float32)
     flat, offsets = _WORKER["encoder"].encode(texts)
     input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
-    kept_names = list(np.asarray(names, dtype=object)[keep])
-    labels = np.full(len(kept_names), -1, dtype=np.int32)
-    if spec.label2id is not None and layout.label_column is not None and kept_names:
-        labels = np.array([spec.label2id[m] for m in kept_names], dtype=np.int32)
+    codes, uniques = pd.factorize(np.asarray(names, dtype=object)[keep])  # None -> -1
+    codes = codes.astype(np.int32)
+    uniques = [str(u) for u in uniques]
+    labels = np.full(len(codes), -1, dtype=np.int32)
+    if spec.label2id is not None and layout.label_column is not None and len(codes):
+        labels = np.array([spec.label2id[u] for u in uniques] + [-1], dtype=np.int32)[codes]
     return EncodedChunk(
-        path=str(layout.path), row_ids=row_ids[keep], input_ids=input_ids, labels=labels, label_names=kept_names,
+        path=str(layout.path), row_ids=row_ids[keep], input_ids=input_ids, labels=labels,
+        label_codes=codes, label_uniques=uniques,
         features=features, dropped_row_ids=row_ids[~keep],
         dropped_reasons=[REASONS[r - 1] for r in reason[~keep]], rows_read=len(df),
         texts=texts if with_text else None,
@@ -294,7 +310,7 @@ def _unknown_error(chunk: EncodedChunk, spec: InputSpec) -> DataError:
                      f"{listed}; {hint + ', or ' if hint else ''}--unknown-labels drop to skip those rows")
 
 
-def _stream(layouts, spec, chunk_rows, workers, tokenizer_path, tokenizer, with_text) -> Iterator[EncodedChunk]:
+def _stream(layouts, spec, chunk_rows, workers, tokenizer, with_text) -> Iterator[EncodedChunk]:
     """Encoded chunks in input order; `workers` > 1 encodes in a process pool with bounded look-ahead."""
     def tasks():
         row_id = 0
@@ -304,12 +320,17 @@ def _stream(layouts, spec, chunk_rows, workers, tokenizer_path, tokenizer, with_
                 row_id += len(df)
 
     if workers <= 1:
-        _init_worker(tokenizer_path, tokenizer)
+        _init_worker(tokenizer)
         for task in tasks():
             yield _encode_chunk(task)
         return
+    # forkserver: workers start from a clean process (no inherited tokenizer/Arrow threads), with this
+    # module preloaded so each start costs a fork, not a re-import.
     ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+    if sys.platform != "win32":
+        ctx.set_forkserver_preload(["cic_gpt2.prepare"])
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer).to_str()
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(backend,)) as pool:
         pending: deque = deque()
         for task in tasks():
             pending.append(pool.apply_async(_encode_chunk, (task,)))
@@ -335,7 +356,7 @@ def encode_csvs(paths, manifest: dict, tokenizer, require_label: bool = True,
                      unknown_labels=unknown_labels)
     _, layouts = _resolve_all(expand_inputs([str(p) for p in paths]), spec.label_column, require_label,
                               expect_format=spec.format)
-    for chunk in _stream(layouts, spec, chunk_rows, 1, None, tokenizer, with_text):
+    for chunk in _stream(layouts, spec, chunk_rows, 1, tokenizer, with_text):
         if chunk.unknown and unknown_labels == "error":
             raise _unknown_error(chunk, spec)
         yield chunk
@@ -551,15 +572,12 @@ def main(args: argparse.Namespace) -> int:
         rows_path = work / "rows.arrow"
         with tqdm(unit=" rows", unit_scale=True, desc="prepare", dynamic_ncols=True, file=sys.stderr) as bar, \
                 pa.ipc.new_stream(str(rows_path), _schema(len(features))) as writer:
-            for chunk in _stream(layouts, spec, args.chunk_rows, workers, args.tokenizer,
-                                 tok if workers <= 1 else None, False):
+            for chunk in _stream(layouts, spec, args.chunk_rows, workers, tok, False):
                 if chunk.unknown and args.unknown_labels == "error":
                     raise _unknown_error(chunk, spec)
-                for name in chunk.label_names:  # raw labels: ids in order of first appearance (remapped later)
-                    if name not in label_ids:
-                        label_ids.setdefault(name, len(label_ids))
-                ids = np.fromiter((label_ids[m] for m in chunk.label_names), dtype=np.int32,
-                                  count=len(chunk.label_names))
+                for name in chunk.label_uniques:  # raw labels: ids by first appearance (remapped later)
+                    label_ids.setdefault(name, len(label_ids))
+                ids = np.array([label_ids[u] for u in chunk.label_uniques] + [-1], np.int32)[chunk.label_codes]
                 writer.write_batch(_chunk_batch(chunk, ids))
                 labels_parts.append(ids.astype(np.int16 if len(label_ids) < 2**15 else np.int32))
                 dropped.update(chunk.dropped_reasons)
