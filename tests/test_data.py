@@ -1,0 +1,153 @@
+"""data.py: the global-batch contract, resume, length grouping, collate, eval slices, dataset checks."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cic_gpt2.config import DataConfig
+from cic_gpt2.data import (
+    check_tokenizer, collate, eval_batches, eval_indices, global_batches, load_prepared, rank_micro_batches,
+    train_batches,
+)
+from cic_gpt2.errors import DataError
+from cic_gpt2.tokenizer import load_tokenizer
+
+# (micro_batch_size, grad_accum, world_size): all G = 4
+SPLITS_OF_4 = [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)]
+
+
+def step_examples(batches, step, micro, accum, world):
+    """Rows of one optimizer step as the ranks/micro-batches see them, rank-major then micro-batch order."""
+    out = []
+    for rank in range(world):
+        parts = rank_micro_batches(batches[step], rank, world, accum)
+        assert [len(p) for p in parts] == [micro] * accum
+        out.extend(np.concatenate(parts).tolist())
+    return out
+
+
+@pytest.mark.parametrize("lengths", [None, "random"])
+def test_every_split_of_the_global_batch_sees_the_same_examples(lengths):
+    n = 103
+    lens = np.random.default_rng(5).integers(3, 60, n) if lengths else None
+    reference = None
+    for micro, accum, world in SPLITS_OF_4:
+        batches = global_batches(n, seed=7, epoch=2, global_batch_size=micro * accum * world, lengths=lens)
+        seen = [step_examples(batches, k, micro, accum, world) for k in range(len(batches))]
+        reference = reference or seen
+        assert seen == reference, (micro, accum, world)
+    assert len(reference) == n // 4  # incomplete last global batch dropped
+    flat = [i for step in reference for i in step]
+    assert len(set(flat)) == len(flat) == (n // 4) * 4  # each example at most once per epoch
+
+
+def test_permutation_depends_on_seed_and_epoch_only():
+    a = global_batches(50, seed=1, epoch=0, global_batch_size=8)
+    assert np.array_equal(a, global_batches(50, seed=1, epoch=0, global_batch_size=8))
+    assert not np.array_equal(a, global_batches(50, seed=1, epoch=1, global_batch_size=8))
+    assert not np.array_equal(a, global_batches(50, seed=2, epoch=0, global_batch_size=8))
+
+
+def test_length_grouping_keeps_the_epoch_and_cuts_padding():
+    n, g = 640, 8
+    lengths = np.random.default_rng(0).integers(5, 200, n)
+    plain = global_batches(n, 3, 0, g)
+    grouped = global_batches(n, 3, 0, g, lengths)
+    assert sorted(plain.ravel().tolist()) == sorted(grouped.ravel().tolist())
+    padded = lambda b: int(sum(lengths[row].max() * len(row) for row in b))  # noqa: E731
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert lengths[grouped[0]].max() == lengths.max()  # the longest batch runs first (an OOM shows at once)
+    assert not np.array_equal(grouped, global_batches(n, 3, 1, g, lengths))  # still shuffled per epoch
+
+
+def test_collate_right_pads_with_eos_to_a_multiple_and_truncates():
+    b = collate([[5, 6, 7], [1] * 10], [2, 0], [11, 12], pad_token_id=50256, pad_to_multiple_of=8)
+    assert b["input_ids"].shape == (2, 16)
+    assert b["input_ids"][0].tolist() == [5, 6, 7] + [50256] * 13
+    assert b["attention_mask"].sum(1).tolist() == [3, 10]
+    assert b["labels"].tolist() == [2, 0] and b["index"].tolist() == [11, 12]
+    t = collate([[1] * 30, [2] * 5], [0, 1], [0, 1], pad_token_id=0, max_length=12, pad_to_multiple_of=8)
+    assert t["input_ids"].shape == (2, 12) and t["attention_mask"].sum(1).tolist() == [12, 5]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 10, 11])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_eval_slices_cover_each_row_once_with_flagged_padding(n, world):
+    parts = [eval_indices(n, r, world) for r in range(world)]
+    assert len({len(rows) for rows, _ in parts}) == 1  # equal counts: all_gather needs equal shapes
+    index = np.concatenate([idx for _, idx in parts])
+    assert index[index >= 0].tolist() == list(range(n))  # contiguous slices, rank order = row order
+    for rows, idx in parts:
+        assert ((idx == -1) | (idx == rows)).all() and (rows < max(n, 1)).all()
+
+
+def test_train_batches_on_prepared_data_resume_and_split_invariance(prepared_v2):
+    prepared = load_prepared(prepared_v2)
+    train = prepared.split("train")
+    tok = load_tokenizer(None)
+    cfg = DataConfig(group_by_length=True)
+
+    def rows(micro, accum, world, start_step=0, steps=3):
+        per_step = []
+        iters = [train_batches(train, epoch=1, start_step=start_step, seed=0, micro_batch_size=micro,
+                               grad_accum=accum, rank=r, world_size=world, tokenizer=tok, data_cfg=cfg)
+                 for r in range(world)]
+        for _ in range(steps):
+            step = [next(it) for it in iters]
+            assert all(len(mb) == accum for mb in step)
+            per_step.append([i for mb in step for b in mb for i in b["index"].tolist()])
+            for mb in step:
+                for b in mb:
+                    assert b["input_ids"].shape[1] % 8 == 0
+                    lens = b["attention_mask"].sum(1)
+                    for i, row, n in zip(b["index"].tolist(), b["input_ids"], lens.tolist()):
+                        assert row[:n].tolist() == list(train[i]["input_ids"])
+                        assert (row[n:] == tok.eos_token_id).all()
+        return per_step
+
+    full = rows(4, 1, 1, steps=5)
+    assert rows(1, 4, 1) == full[:3] == rows(2, 1, 2)
+    assert rows(4, 1, 1, start_step=2) == full[2:5]
+
+
+def test_eval_batches_match_between_one_and_two_ranks(prepared_v2):
+    prepared = load_prepared(prepared_v2)
+    val = prepared.split("val")
+    tok = load_tokenizer(None)
+    one = [b for b in eval_batches(val, 16, 0, 1, tok, DataConfig())]
+    two = [[b for b in eval_batches(val, 16, r, 2, tok, DataConfig())] for r in range(2)]
+    assert len(two[0]) == len(two[1])
+    idx1 = torch.cat([b["index"] for b in one])
+    idx2 = torch.cat([b["index"] for r in range(2) for b in two[r]])
+    assert idx1.tolist() == list(range(len(val)))
+    assert idx2[idx2 >= 0].tolist() == list(range(len(val)))
+    labels2 = torch.cat([b["labels"] for r in range(2) for b in two[r]])
+    assert labels2[idx2 >= 0].tolist() == list(val["label"])
+
+
+def test_bad_dataset_dirs_are_data_errors(tmp_path, prepared_v2):
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        load_prepared(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_prepared(tmp_path)
+    manifest = json.loads((prepared_v2 / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="test is missing"):
+        load_prepared(tmp_path).split("test")
+
+
+def test_tokenizer_fingerprint_mismatch_names_both(prepared_v2):
+    prepared = load_prepared(prepared_v2)
+    tok = load_tokenizer(None)
+    check_tokenizer(prepared.manifest, tok)  # the dataset's own tokenizer passes
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<flow>"])
+    from cic_gpt2.tokenizer import tokenizer_fingerprint
+
+    with pytest.raises(DataError) as e:
+        check_tokenizer(prepared.manifest, other)
+    assert prepared.manifest["tokenizer"]["fingerprint"] in str(e.value)
+    assert tokenizer_fingerprint(other) in str(e.value)
