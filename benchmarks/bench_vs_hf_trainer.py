@@ -85,14 +85,16 @@ def seed_texts(prepared: Path, split: str, tokenizer) -> tuple[list[str], list[i
     return texts, [int(x) for x in ds["label"]], [int(x) for x in ds["row_id"]]
 
 
-def build_lm(model_name: str, seed: int):
+def build_lm(model_name: str, label_names: list[str], seed: int):
     import torch
     from transformers import GPT2LMHeadModel
 
-    from cic_gpt2 import model as model_module
+    from cic_gpt2.config import ModelConfig
+    from cic_gpt2.model import build_hf_config
 
     torch.manual_seed(seed)
-    hf_config = model_module.hf_config_for(model_name)  # the same architecture as arm (a)
+    hf_config = build_hf_config(ModelConfig(name=model_name), label_names)  # the same architecture as arm (a)
+    hf_config.use_cache = False
     return GPT2LMHeadModel(hf_config)
 
 
@@ -107,7 +109,7 @@ def run_hf_trainer(args, prepared: Path, label_names: list[str], tokenizer) -> d
     enc = tokenizer(full, padding="max_length", max_length=ORIGINAL_MAX_LENGTH, truncation=True)
     train_ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     t_build = time.perf_counter()
-    model = build_lm(args.model, args.seed)
+    model = build_lm(args.model, label_names, args.seed)
     steps = args.samples // args.global_batch
     targs = TrainingArguments(
         output_dir=str(args.work / "hf"), per_device_train_batch_size=ORIGINAL_MICRO_BATCH,

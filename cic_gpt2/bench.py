@@ -77,19 +77,12 @@ def model_shape(name_or_path: str) -> Shape:
     return Shape(name_or_path, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_positions)
 
 
-# The published OpenAI GPT-2 shapes (n_layer, n_embd, n_head); vocab 50257, context 1024.
-GPT2_SIZES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}
-
-
 def _hf_config(name_or_path: str):
-    from transformers import AutoConfig, GPT2Config
+    """The GPT2Config `cic-gpt2 train` would build for model.name=NAME (a preset or a local directory)."""
+    from cic_gpt2.config import ModelConfig
+    from cic_gpt2.model import build_hf_config
 
-    if Path(name_or_path).is_dir():
-        return AutoConfig.from_pretrained(name_or_path)
-    if name_or_path in GPT2_SIZES:
-        n_layer, n_embd, n_head = GPT2_SIZES[name_or_path]
-        return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
-    raise ConfigError(f"--model {name_or_path!r}: not a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a local model directory")
+    return build_hf_config(ModelConfig(name=name_or_path), ["a", "b"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,22 +324,23 @@ def synthetic_lengths(cfg, args) -> tuple[list[int], str]:
 
 
 def synthetic_batches(lengths: list[int], micro_batch_size: int, vocab_size: int, num_labels: int, pad_id: int,
-                      pad_to_multiple_of: int, seed: int):
-    """Endless micro-batches of random token ids whose lengths are drawn from `lengths`, padded like the
-    training collate: right padding with eos to the longest in the batch rounded up to the multiple."""
+                      data_cfg, seed: int):
+    """Endless micro-batches of random token ids (never the pad/eos id) whose lengths are drawn from
+    `lengths`, through the training collate (`cic_gpt2.data.collate`: same padding, same truncation)."""
     import torch
+
+    from cic_gpt2.data import collate
 
     gen = torch.Generator().manual_seed(seed)
     pool = torch.tensor(lengths, dtype=torch.long)
     while True:
-        batch_lengths = pool[torch.randint(len(pool), (micro_batch_size,), generator=gen)]
-        width = int(math.ceil(int(batch_lengths.max()) / pad_to_multiple_of) * pad_to_multiple_of)
-        input_ids = torch.randint(vocab_size, (micro_batch_size, width), generator=gen)
-        input_ids = input_ids.masked_fill(input_ids == pad_id, 0)  # no pad/eos token inside an example
-        attention_mask = (torch.arange(width)[None, :] < batch_lengths[:, None]).long()
-        input_ids = input_ids.masked_fill(attention_mask == 0, pad_id)
-        labels = torch.randint(num_labels, (micro_batch_size,), generator=gen)
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch_lengths = pool[torch.randint(len(pool), (micro_batch_size,), generator=gen)].tolist()
+        ids = [torch.randint(vocab_size, (n,), generator=gen) for n in batch_lengths]
+        ids = [row.masked_fill(row == pad_id, 0).tolist() for row in ids]
+        labels = torch.randint(num_labels, (micro_batch_size,), generator=gen).tolist()
+        batch = collate(ids, labels, list(range(micro_batch_size)), pad_id, data_cfg.max_length,
+                        data_cfg.pad_to_multiple_of)
+        yield {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def build_engine(cfg, classifier, ds_dict: dict, total_steps: int):
@@ -441,7 +435,7 @@ def run_train(args: argparse.Namespace) -> int:
         engine = build_engine(cfg, classifier, ds_dict, args.warmup_steps + args.steps)
         precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
         batches = synthetic_batches(lengths, cfg.train.micro_batch_size, hf_config.vocab_size, len(label_names),
-                                    tokenizer.eos_token_id, cfg.data.pad_to_multiple_of, cfg.train.seed + info.rank)
+                                    tokenizer.eos_token_id, cfg.data, cfg.train.seed + info.rank)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.warmup_steps + args.steps, desc="bench", unit="step", disable=not info.is_main)
