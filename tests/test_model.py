@@ -1,0 +1,163 @@
+"""model.py: presets, sources, both heads, exact causal-lm scoring, tokenizer refusal, FLOPs."""
+import copy
+
+import pytest
+import torch
+
+from cic_gpt2.config import DataConfig, ModelConfig
+from cic_gpt2.data import eval_batches, load_prepared
+from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.model import (
+    PRESETS, TrafficClassifier, build_hf_config, build_model, model_flops_per_token,
+)
+from cic_gpt2.tokenizer import load_tokenizer
+
+LABELS = ["Benign", "DDoS", "DoS", "Mirai", "Recon", "Spoofing", "Web", "BruteForce"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def val_batch(prepared_v2, tok):
+    prepared = load_prepared(prepared_v2)
+    return next(eval_batches(prepared.split("val"), 6, 0, 1, tok, DataConfig()))
+
+
+def build(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(**{"dropout": 0.0, **kw}), LABELS, tok)
+
+
+def test_presets_match_gpt2_shapes(tok):
+    tiny = build_hf_config(ModelConfig(name="tiny"), LABELS)
+    assert (tiny.n_layer, tiny.n_embd, tiny.n_head, tiny.n_positions, tiny.vocab_size) == (2, 64, 2, 1024, 50257)
+    large = build_hf_config(ModelConfig(name="gpt2-large"), LABELS)
+    assert (large.n_layer, large.n_embd, large.n_head) == (36, 1280, 20)
+    assert set(PRESETS) == {"tiny", "small", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    m = build(tok)
+    cfg = m.hf_model.config
+    assert cfg.pad_token_id == tok.eos_token_id == 50256
+    assert cfg.id2label[1] == "DDoS" and cfg.label2id["BruteForce"] == 7 and cfg.num_labels == 8
+    assert cfg.resid_pdrop == cfg.attn_pdrop == cfg.embd_pdrop == 0.0
+    assert build_hf_config(ModelConfig(name="tiny"), LABELS).resid_pdrop == 0.1  # GPT-2's own by default
+    assert torch.equal(build(tok, seed=3).hf_model.score.weight, build(tok, seed=3).hf_model.score.weight)
+
+
+def test_seqcls_reads_the_last_real_token_whatever_the_padding(tok, val_batch):
+    m = build(tok).eval()
+    with torch.no_grad():
+        out = m(val_batch["input_ids"], val_batch["attention_mask"], val_batch["labels"])
+        assert out.logits.shape == (6, 8) and out.loss.ndim == 0
+        for i in range(3):
+            n = int(val_batch["attention_mask"][i].sum())
+            alone = m(val_batch["input_ids"][i:i + 1, :n], val_batch["attention_mask"][i:i + 1, :n]).logits
+            torch.testing.assert_close(alone[0], out.logits[i], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_lm_prompt_ids_equal_whole_text_tokenization(tok, val_batch):
+    m = build(tok, head="causal-lm")
+    p = m.prompt
+    for i in range(len(val_batch["labels"])):
+        n = int(val_batch["attention_mask"][i].sum())
+        row = val_batch["input_ids"][i, :n].tolist()
+        text = tok.decode(row)
+        assert tok(text)["input_ids"] == row
+        for c, name in enumerate(LABELS):
+            whole = tok(p["prompt_prefix"] + text + p["prompt_suffix"] + p["answer_prefix"] + name)["input_ids"]
+            assert whole + [tok.eos_token_id] == p["prefix_ids"] + row + p["suffix_ids"] + p["answer_ids"][c]
+
+
+def test_causal_lm_packed_scores_equal_scoring_each_label_alone(tok, val_batch):
+    m = build(tok, head="causal-lm").eval()
+    lm = m.hf_model
+    with torch.no_grad():
+        out = m(val_batch["input_ids"], val_batch["attention_mask"], val_batch["labels"])
+        assert out.logits.shape == (6, 8)
+        for i in range(len(val_batch["labels"])):
+            n = int(val_batch["attention_mask"][i].sum())
+            prompt = m.prompt["prefix_ids"] + val_batch["input_ids"][i, :n].tolist() + m.prompt["suffix_ids"]
+            for c in range(len(LABELS)):
+                answer = m.prompt["answer_ids"][c]
+                logp = torch.log_softmax(lm(torch.tensor([prompt + answer])).logits[0].float(), -1)
+                expect = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
+                torch.testing.assert_close(out.logits[i, c], expect, rtol=1e-4, atol=1e-4)
+        # loss = mean over examples of -log p(true answer | prompt)
+        want = -out.logits.gather(1, val_batch["labels"][:, None]).mean()
+        torch.testing.assert_close(out.loss, want)
+    m.train()  # dropout 0: the training path (true answer only) gives the same loss, no logits
+    train_out = m(val_batch["input_ids"], val_batch["attention_mask"], val_batch["labels"])
+    assert train_out.logits is None
+    torch.testing.assert_close(train_out.loss, out.loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["seqcls", "causal-lm"])
+def test_both_heads_learn_a_batch(tok, val_batch, head):
+    m = build(tok, head=head)
+    ids, mask, labels = val_batch["input_ids"], val_batch["attention_mask"], val_batch["labels"]
+
+    def class_ce():  # cross-entropy of the class scores (what evaluation reports for both heads)
+        m.eval()
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(m(ids, mask).logits.float(), labels).item()
+
+    ce_before = class_ce()
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = m(ids, mask, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert class_ce() < ce_before
+    if head == "seqcls":
+        m.eval()
+        with torch.no_grad():
+            assert (m(ids, mask).logits.argmax(1) == labels).float().mean() >= 0.8
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok, val_batch):
+    grads = []
+    for ckpt in (False, True):
+        m = build(tok, head="causal-lm", gradient_checkpointing=ckpt).train()
+        m(val_batch["input_ids"], val_batch["attention_mask"], val_batch["labels"]).loss.backward()
+        grads.append(m.hf_model.transformer.h[0].mlp.c_fc.weight.grad)
+    assert m.hf_model.transformer.gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_model_dir_loads_its_weights_and_refuses_another_tokenizer(tok, tmp_path):
+    src = build(tok, head="causal-lm", seed=11)
+    src.hf_model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = build(tok, head="seqcls", name=str(tmp_path / "m"), seed=12)
+    torch.testing.assert_close(loaded.hf_model.transformer.wte.weight, src.hf_model.transformer.wte.weight)
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<flow>"])
+    with pytest.raises(CicError, match="tokenizer mismatch") as e:
+        build(other, name=str(tmp_path / "m"))
+    assert str(tmp_path / "m") in str(e.value)
+
+
+def test_missing_or_impossible_models_are_clear_errors(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(CicError, match="hf download openai-community/gpt2-large"):
+        build(tok, name="gpt2-large", pretrained=True)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        build(tok, name="tiny", pretrained=True)
+    with pytest.raises(CicError, match="no such model directory"):
+        build(tok, name=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="model.head"):
+        TrafficClassifier(torch.nn.Linear(1, 1), "regression", LABELS)
+
+
+def test_flops_per_token_by_hand():
+    cfg = build_hf_config(ModelConfig(name="gpt2"), LABELS)
+    # 6 * 12 layers * 12 * 768^2 + 12 * 12 layers * 768 * 128 positions
+    assert model_flops_per_token(cfg, 128) == 6 * 12 * 12 * 768**2 + 12 * 12 * 768 * 128
