@@ -151,7 +151,7 @@ def gather_scored(local: np.ndarray, info: dist.DistInfo, device) -> np.ndarray:
     return torch.cat(blocks).cpu().numpy()
 
 
-def score_distributed(classifier, rows: EvalRows, micro_batch_size: int, device, pad_id: int,
+def score_distributed(classifier, rows: EvalRows, num_labels: int, micro_batch_size: int, device, pad_id: int,
                       max_tokens: int | None, context: int, info: dist.DistInfo, progress: bool) -> np.ndarray:
     """Class scores [n, num_labels] (float64) of every row, in row order, from all ranks."""
     from tqdm.auto import tqdm
@@ -169,8 +169,7 @@ def score_distributed(classifier, rows: EvalRows, micro_batch_size: int, device,
     index = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
     with tqdm(total=len(index), unit=" flows", unit_scale=True, desc="evaluate", dynamic_ncols=True,
               file=sys.stderr, disable=not (progress and info.is_main)) as bar:
-        scores = score_batches(classifier, rows.input_ids, mine, device, pad_id, max_tokens, bar)
-    num_labels = classifier.hf_model.config.num_labels
+        scores = score_batches(classifier, rows.input_ids, mine, device, pad_id, max_tokens, context, bar)
     local = np.zeros((len(index), 1 + num_labels), dtype=np.float64)
     local[:, 0] = index
     if len(index):
@@ -270,7 +269,8 @@ def compare_with_baselines(out: Path, model_name: str, metrics: dict, prepared_d
 # ================================================================================================ main
 def main(args: argparse.Namespace) -> int:
     from cic_gpt2.metrics import metrics_markdown
-    from cic_gpt2.predict import export_max_length, load_model, pad_id_of, resolve_device
+    from cic_gpt2.baseline import read_manifest
+    from cic_gpt2.predict import export_max_length, load_model, pad_id_of, read_export_manifest, resolve_device
 
     if args.micro_batch_size < 1:
         raise CicError(f"--micro-batch-size {args.micro_batch_size} must be >= 1")
@@ -280,6 +280,9 @@ def main(args: argparse.Namespace) -> int:
                        "directory as --data (raw CSVs have no split)")
     if args.compare and args.split != "test":
         raise CicError(f"--compare scores the baselines on the test split; drop --split {args.split}")
+    model_manifest = read_export_manifest(args.model)
+    if prepared_dir is not None:
+        check_same_data(read_manifest(prepared_dir), model_manifest, prepared_dir)
     t0 = time.perf_counter()
     info = dist.discover()
     if info.is_distributed:
@@ -293,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             rows = load_csv_rows(args.data, manifest, tokenizer, args.unknown_labels)
         split = args.split if prepared_dir is not None else "csv"
-        scores = score_distributed(classifier, rows, args.micro_batch_size, device, pad_id_of(tokenizer),
+        scores = score_distributed(classifier, rows, len(label_names), args.micro_batch_size, device, pad_id_of(tokenizer),
                                    export_max_length(args.model), context, info, not args.no_progress)
     finally:
         if info.is_distributed:

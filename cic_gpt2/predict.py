@@ -84,24 +84,45 @@ def export_max_length(model_dir: str | Path) -> int | None:
     return data.get("max_length")
 
 
+def read_export_manifest(model_dir: str | Path) -> dict:
+    """The export's data manifest (cheap: read before loading weights, to check inputs first)."""
+    import json
+
+    path = Path(model_dir) / "data_manifest.json"
+    if not path.is_file():
+        raise CicError(f"{model_dir}: not an exported model (no data_manifest.json); pass the export/ directory "
+                       f"of a run or the output of `cic-gpt2 export`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def load_model(model_dir: str | Path, device):
     """(classifier in eval mode on `device`, tokenizer, data manifest, token limit per row).
 
     The token limit is the model's context (n_positions); rows longer than data.max_length (when the run
     set one) are truncated to it first, as in training."""
-    if not (Path(model_dir) / "data_manifest.json").is_file():
-        raise CicError(f"{model_dir}: not an exported model (no data_manifest.json); pass the export/ directory "
-                       f"of a run or the output of `cic-gpt2 export`")
+    read_export_manifest(model_dir)
+    from transformers.utils import logging as hf_logging
+
     from cic_gpt2.export import load_export
 
-    classifier, tokenizer, manifest = load_export(str(model_dir))
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise next to our own
+    try:
+        classifier, tokenizer, manifest = load_export(str(model_dir))
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     classifier.to(device).eval()
     return classifier, tokenizer, manifest, _context_size(classifier)
 
 
 def _context_size(classifier) -> int:
+    """Most row tokens one forward pass takes: the positions, less the prompt and answer of the causal-lm head."""
     config = classifier.hf_model.config
-    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    positions = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    if getattr(classifier, "head", "seqcls") == "causal-lm":
+        positions -= len(classifier.prefix_ids) + len(classifier.suffix_ids) + classifier.max_fed
+    return positions
 
 
 def pad_id_of(tokenizer) -> int:
@@ -122,9 +143,10 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarr
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def pad_batch(rows, pad_id: int, max_tokens: int | None = None, multiple_of: int = 8):
+def pad_batch(rows, pad_id: int, max_tokens: int | None = None, multiple_of: int = 8, max_width: int | None = None):
     """Token-id rows (pyarrow list array) -> right-padded int64 ids [b, L] and attention mask [b, L],
-    L = the longest row (first `max_tokens` of each) rounded up to `multiple_of`."""
+    L = the longest row (first `max_tokens` of each) rounded up to `multiple_of`, at most `max_width`
+    (the model's context; rows are never longer)."""
     if isinstance(rows, pa.ChunkedArray):
         rows = rows.combine_chunks()
     offsets = rows.offsets.to_numpy()
@@ -133,7 +155,7 @@ def pad_batch(rows, pad_id: int, max_tokens: int | None = None, multiple_of: int
     if max_tokens is not None:
         lengths = np.minimum(lengths, max_tokens)
     width = max(1, int(lengths.max(initial=1)))
-    width = -(-width // multiple_of) * multiple_of
+    width = max(width, min(-(-width // multiple_of) * multiple_of, max_width or np.iinfo(np.int64).max))
     positions = np.arange(width)
     mask = positions[None, :] < lengths[:, None]
     ids = np.full((len(lengths), width), pad_id, dtype=np.int64)
@@ -142,14 +164,14 @@ def pad_batch(rows, pad_id: int, max_tokens: int | None = None, multiple_of: int
 
 
 def score_batches(classifier, input_ids, batches: list[np.ndarray], device, pad_id: int,
-                  max_tokens: int | None = None, progress=None) -> np.ndarray:
+                  max_tokens: int | None = None, max_width: int | None = None, progress=None) -> np.ndarray:
     """Class scores (float32 [sum of batch sizes, num_labels]) of the rows of `batches`, in that order."""
     import torch
 
     scores = []
     with torch.inference_mode():
         for index in batches:
-            ids, mask = pad_batch(input_ids.take(pa.array(index)), pad_id, max_tokens)
+            ids, mask = pad_batch(input_ids.take(pa.array(index)), pad_id, max_tokens, max_width=max_width)
             out = classifier(input_ids=torch.from_numpy(ids).to(device),
                              attention_mask=torch.from_numpy(mask).to(device))
             scores.append(out.logits.float().cpu().numpy())
@@ -167,11 +189,11 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def score_rows(classifier, input_ids, batch_size: int, device, pad_id: int, max_tokens: int | None = None,
-               progress=None) -> np.ndarray:
+               max_width: int | None = None, progress=None) -> np.ndarray:
     """Class scores of every row of `input_ids`, in row order (batched by length internally)."""
     batches = length_sorted_batches(np.minimum(row_lengths(input_ids), max_tokens or np.iinfo(np.int64).max),
                                     batch_size)
-    sorted_scores = score_batches(classifier, input_ids, batches, device, pad_id, max_tokens, progress)
+    sorted_scores = score_batches(classifier, input_ids, batches, device, pad_id, max_tokens, max_width, progress)
     scores = np.empty_like(sorted_scores)
     if len(batches):
         scores[np.concatenate(batches)] = sorted_scores
@@ -202,8 +224,9 @@ def chunk_frame(chunk, probs: np.ndarray, status: np.ndarray, label_names: list[
 
     def with_empty(kept_values, empty) -> np.ndarray:
         """Kept rows' values (blanked where status is not ok), then `empty` for the dropped rows."""
-        out = np.full(n_kept + n_dropped, empty, dtype=object)
-        out[:n_kept][ok] = np.asarray(kept_values, dtype=object)[ok]
+        dtype = np.float64 if isinstance(empty, float) else object
+        out = np.full(n_kept + n_dropped, empty, dtype=dtype)
+        out[:n_kept][ok] = np.asarray(kept_values, dtype=dtype)[ok]
         return out
 
     columns: dict[str, np.ndarray] = {
@@ -283,7 +306,7 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
                 if fits.any():
                     kept = np.flatnonzero(fits)
                     scores = score_rows(classifier, chunk.input_ids.take(pa.array(kept)), batch_size,
-                                        torch_device, pad_id, max_length, bar)
+                                        torch_device, pad_id, max_length, context, bar)
                     probs[kept] = softmax(scores)
                 frame = chunk_frame(chunk, probs, status, label_names, top_k, all_probs, has_label)
                 frame.to_csv(f, header=False, index=False, columns=columns, float_format="%.6g", lineterminator="\n")
