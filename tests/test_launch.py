@@ -245,7 +245,8 @@ MAX_STEPS = 16
 TRAIN_ARGS = [
     "model.name=tiny", f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=4", "train.grad_accum=1",
     "train.warmup_steps=2", "train.eval_micro_batch_size=64", "log.log_every=1", "log.progress=false",
-    "log.tensorboard=false", "checkpoint.every_steps=0", "dist.timeout_s=120",
+    "log.tensorboard=false", "checkpoint.every_steps=0", "checkpoint.export=false",
+    "dist.timeout_s=120",
 ]
 RUN_TIMEOUT_S = 300
 
@@ -315,14 +316,15 @@ def _logs(run_dir: Path) -> str:
 
 
 def _final_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
+    """Module weights of the run's last complete checkpoint (ZeRO-2 keeps them whole on every rank)."""
+    import torch
 
-    files = sorted((run_dir / "export").glob("*.safetensors"))
-    assert files, f"no exported weights in {run_dir / 'export'}"
-    weights = {}
-    for f in files:
-        weights.update(load_file(f))
-    return weights
+    from cic_gpt2.checkpoint import latest_complete
+
+    tag_dir = latest_complete(run_dir / "checkpoints")
+    assert tag_dir is not None, f"no complete checkpoint in {run_dir}"
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return state["module"]
 
 
 def _assert_same_run(run_dir: Path, reference: Path) -> None:
