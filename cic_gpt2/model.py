@@ -242,8 +242,24 @@ class TrafficClassifier(nn.Module):
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def max_row_tokens(self) -> int:
+        """Most row tokens one forward pass takes: the model's positions, less the causal-lm prompt and the
+        longest answer (its last token is predicted, not fed)."""
+        positions = int(self.hf_model.config.n_positions)
+        if self.head == "causal-lm":
+            positions -= len(self.prefix_ids) + len(self.suffix_ids) + self.max_fed
+        return positions
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> ClassifierOutput:
+        if input_ids.shape[1] > self.max_row_tokens:  # shapes only: no host sync
+            extra = " (after the causal-lm prompt and answers)" if self.head == "causal-lm" else ""
+            raise CicError(
+                f"a batch of {input_ids.shape[1]} tokens per row does not fit the model's "
+                f"{self.hf_model.config.n_positions} positions{extra}; set data.max_length <= {self.max_row_tokens} "
+                f"(rounded down to a multiple of data.pad_to_multiple_of)"
+            )
         if self.head == "seqcls":
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
@@ -275,13 +291,6 @@ class TrafficClassifier(nn.Module):
             off = torch.arange(n_block, device=device).expand(batch, n_block)
             first = self.first_ids[labels][:, None]
         width_prompt = n_prefix + width_ids + n_suffix
-        n_positions = self.hf_model.config.n_positions
-        if width_prompt + self.max_fed > n_positions:  # shapes only: no host sync
-            raise CicError(
-                f"causal-lm: {width_ids} row tokens + {n_prefix + n_suffix} prompt + {self.max_fed + 1} answer tokens "
-                f"exceed the model's {n_positions} positions; set data.max_length <= "
-                f"{n_positions - n_prefix - n_suffix - self.max_fed} (a multiple of data.pad_to_multiple_of)"
-            )
         n_row = attention_mask.sum(dim=1)  # [B]
         prompt_len = n_prefix + n_row + n_suffix  # [B]
         prompt = torch.cat([self.prefix_ids.expand(batch, n_prefix), input_ids,

@@ -157,6 +157,16 @@ def test_missing_or_impossible_models_are_clear_errors(tok, tmp_path, monkeypatc
         TrafficClassifier(torch.nn.Linear(1, 1), "regression", LABELS)
 
 
+@pytest.mark.parametrize("head", ["seqcls", "causal-lm"])
+def test_rows_longer_than_the_context_are_a_clear_error(tok, head):
+    m = build(tok, head=head)
+    limit = m.max_row_tokens
+    assert limit == 1024 if head == "seqcls" else 1000 < limit < 1024
+    too_long = torch.zeros((1, limit + 1), dtype=torch.long)
+    with pytest.raises(CicError, match=f"data.max_length <= {limit}"):
+        m(too_long, torch.ones_like(too_long))
+
+
 def test_flops_per_token_by_hand():
     cfg = build_hf_config(ModelConfig(name="gpt2"), LABELS)
     # 6 * 12 layers * 12 * 768^2 + 12 * 12 layers * 768 * 128 positions
