@@ -69,6 +69,7 @@ def run_ours(args, data: Path, n_train: int) -> dict:
                f"train.max_steps={steps}", f"train.micro_batch_size={args.global_batch}", "train.grad_accum=1",
                f"train.lr={args.lr}", f"train.warmup_steps={args.warmup_steps}", "train.precision=fp32",
                "train.ds_config=zero2_cpu", f"log.log_every={max(1, steps // 10)}", "log.progress=false",
+               "checkpoint.export=false",  # the HF arm saves nothing either
                *args.ours_override, threads=args.threads, log=args.work / "ours_train.log")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -205,7 +206,7 @@ def main() -> int:
     print("(b) Hugging Face Trainer, original recipe ...", flush=True)
     hf = run_hf_trainer(args, seed, label_names, load_tokenizer(None))
 
-    ours_loop = ours_loop_samples_per_s(ours["records"])
+    ours_loop = ours_loop_samples_per_s(ours["records"], args.global_batch)
     result = {
         "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "train_rows": n_train,
@@ -230,12 +231,19 @@ def main() -> int:
     return 0
 
 
-def ours_loop_samples_per_s(records: list[dict]) -> float:
-    """Mean of the perf/samples_per_s that `cic-gpt2 train` logged (each over its log interval)."""
-    values = [r["perf/samples_per_s"] for r in records if "perf/samples_per_s" in r]
-    if not values:
+def ours_loop_samples_per_s(records: list[dict], global_batch: int) -> float:
+    """Training-loop samples/s of `cic-gpt2 train`: all samples over the summed duration of its log windows
+    (each window logs perf/samples_per_s over its own steps), i.e. the same quantity as HF's
+    train_samples_per_second (samples / train_runtime)."""
+    samples, seconds, last_step = 0, 0.0, 0
+    for r in records:
+        if "perf/samples_per_s" not in r:
+            continue
+        window = (r["step"] - last_step) * global_batch
+        samples, seconds, last_step = samples + window, seconds + window / r["perf/samples_per_s"], r["step"]
+    if not seconds:
         sys.exit("cic-gpt2 train logged no perf/samples_per_s; cannot compare loop speed")
-    return sum(values) / len(values)
+    return samples / seconds
 
 
 if __name__ == "__main__":
