@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("data.path is not set: pass --data DIR (a directory written by `cic-gpt2 prepare`)")
     ds_dict, ds_path = ds_config.load_and_build(cfg.train, info.world_size)
     prepared = load_prepared(cfg.data.path)
-    tokenizer = load_tokenizer_for(prepared)
+    tokenizer = load_tokenizer_for(prepared, cfg.model)
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir)
     if resume_from is None and checkpoint.latest_complete(Path(cfg.log.run_dir) / "checkpoints") is not None:
         raise ConfigError(
@@ -89,13 +89,13 @@ def main(args: argparse.Namespace) -> int:
         dist.destroy()
 
 
-def load_tokenizer_for(prepared):
-    """The tokenizer the prepared ids were made with; refuses a dataset whose fingerprint differs."""
+def load_tokenizer_for(prepared, model_cfg):
+    """The model's tokenizer; refuses a dataset whose ids were made by another (fingerprints differ)."""
     from cic_gpt2.data import check_tokenizer
-    from cic_gpt2.tokenizer import load_tokenizer
+    from cic_gpt2.model import load_model_tokenizer
 
-    tokenizer = load_tokenizer(prepared.manifest.get("tokenizer", {}).get("source"))
-    check_tokenizer(prepared.manifest, tokenizer)
+    tokenizer = load_model_tokenizer(model_cfg)
+    check_tokenizer(prepared.manifest, tokenizer, what=f"model {model_cfg.name}'s tokenizer")
     return tokenizer
 
 

@@ -20,9 +20,10 @@ from cic_gpt2 import checkpoint as ckpt
 from cic_gpt2.loggers import read_jsonl
 from conftest import run_cli
 
-STEPS = 8
+STEPS = 12
+SAVE_EVERY = 6
 # dropout 0 (tiny preset) and a fixed seed: runs that see the same global batches give the same losses.
-COMMON = ["model.name=tiny", f"train.max_steps={STEPS}", "train.lr=2e-3", "train.warmup_steps=2", "train.seed=7",
+COMMON = ["model.name=tiny", "model.dropout=0", f"train.max_steps={STEPS}", "train.lr=2e-3", "train.warmup_steps=2", "train.seed=7",
           "log.log_every=1", "log.progress=false", "train.eval_micro_batch_size=16"]
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
@@ -79,10 +80,10 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="session")
 def two_rank_run(prepared_v2, tmp_path_factory) -> Path:
-    """2 processes x micro-batch 2, checkpoints at steps 4 and 8, export at the end."""
+    """2 processes x micro-batch 2, checkpoints at steps 6 and 12, export at the end."""
     run_dir = tmp_path_factory.mktemp("train") / "two_rank"
     torchrun(2, "--data", prepared_v2, "--run-dir", run_dir, *COMMON, "train.micro_batch_size=2",
-             "checkpoint.every_steps=4", "checkpoint.keep_last=2")
+             f"checkpoint.every_steps={SAVE_EVERY}", "checkpoint.keep_last=2")
     return run_dir
 
 
@@ -90,8 +91,11 @@ def two_rank_run(prepared_v2, tmp_path_factory) -> Path:
 def test_two_rank_zero2_run_trains_and_writes_its_outputs(two_rank_run, prepared_v2):
     per_step = losses(two_rank_run)
     assert sorted(per_step) == list(range(1, STEPS + 1))
-    first, last = per_step[1], sum(per_step[s] for s in range(STEPS - 2, STEPS + 1)) / 3
-    assert last < first - 0.1, f"loss did not fall: {per_step}"
+    summary = json.loads((two_rank_run / "metrics.json").read_text())
+    # Step 1's loss is the untrained model's (~ln 8 for any batch: near-uniform scores); after 12 steps the
+    # model knows at least the class mix, over the whole validation split.
+    assert summary["val"]["loss"] < per_step[1] - 0.2, (summary["val"]["loss"], per_step)
+    assert sum(per_step[s] for s in range(9, 13)) / 4 < per_step[1], per_step
 
     ds = json.loads((two_rank_run / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 2 * 1 * 2
@@ -103,7 +107,6 @@ def test_two_rank_zero2_run_trains_and_writes_its_outputs(two_rank_run, prepared
                 "val/weighted_f1", "val/accuracy", "test/macro_f1"):
         assert key in keys, key
     assert list((two_rank_run / "tb").glob("events.out.tfevents.*")), "TensorBoard events"
-    summary = json.loads((two_rank_run / "metrics.json").read_text())
     manifest = json.loads((prepared_v2 / "manifest.json").read_text())
     for split in ("val", "test"):
         m = summary[split]
@@ -115,8 +118,8 @@ def test_two_rank_zero2_run_trains_and_writes_its_outputs(two_rank_run, prepared
     assert (two_rank_run / "export" / "config.json").is_file()
 
     tags = [(step, ok) for step, _, ok in ckpt.list_checkpoints(two_rank_run / "checkpoints")]
-    assert tags == [(4, True), (8, True)]
-    tag = two_rank_run / "checkpoints" / "step-000008"
+    assert tags == [(SAVE_EVERY, True), (STEPS, True)]
+    tag = two_rank_run / "checkpoints" / ckpt.tag_for(STEPS)
     for name in ("run_config.yaml", "data_manifest.json", "ds_config.json", "rng_state_rank0.pt", "rng_state_rank1.pt"):
         assert (tag / name).is_file(), name
     assert json.loads((tag / "data_manifest.json").read_text())["label_names"] == manifest["label_names"]
@@ -124,7 +127,7 @@ def test_two_rank_zero2_run_trains_and_writes_its_outputs(two_rank_run, prepared
 
 @pytest.mark.slow
 def test_zero2_optimizer_state_is_partitioned_across_ranks(two_rank_run):
-    tag = two_rank_run / "checkpoints" / "step-000008"
+    tag = two_rank_run / "checkpoints" / ckpt.tag_for(STEPS)
     model_states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     n_params = sum(shape.numel() for group in model_states["param_shapes"] for shape in group.values())
     partitions, padding = [], 0
@@ -143,20 +146,21 @@ def test_zero2_optimizer_state_is_partitioned_across_ranks(two_rank_run):
 
 @pytest.mark.slow
 def test_resume_from_latest_complete_checkpoint_equals_the_uninterrupted_run(two_rank_run, prepared_v2, tmp_path):
-    """A run stopped after step 4 (its step-4 checkpoint, plus a half-written step-6 save that must be ignored)
+    """A run stopped after step 6 (its step-6 checkpoint, plus a half-written step-9 save that must be ignored)
     continues under `--resume auto` and logs the same losses as the run that never stopped."""
     run_dir = tmp_path / "resumed"
-    shutil.copytree(two_rank_run / "checkpoints" / "step-000004", run_dir / "checkpoints" / "step-000004")
-    partial = run_dir / "checkpoints" / "step-000006"
-    shutil.copytree(two_rank_run / "checkpoints" / "step-000008", partial)
+    shutil.copytree(two_rank_run / "checkpoints" / ckpt.tag_for(SAVE_EVERY), run_dir / "checkpoints" / ckpt.tag_for(SAVE_EVERY))
+    partial = run_dir / "checkpoints" / ckpt.tag_for(9)
+    shutil.copytree(two_rank_run / "checkpoints" / ckpt.tag_for(STEPS), partial, ignore=shutil.ignore_patterns("universal"))
     (partial / ckpt.COMPLETE_MARKER).unlink()
     proc = torchrun(2, "--data", prepared_v2, "--run-dir", run_dir, "--resume", "auto", *COMMON,
-                    "train.micro_batch_size=2", "checkpoint.every_steps=4", "checkpoint.export=false")
-    assert "resumed from" in proc.stdout + proc.stderr and "step-000004" in proc.stdout + proc.stderr
+                    "train.micro_batch_size=2", f"checkpoint.every_steps={SAVE_EVERY}", "checkpoint.export=false")
+    assert f"resumed from {run_dir / 'checkpoints' / ckpt.tag_for(SAVE_EVERY)}" in proc.stdout + proc.stderr
     resumed, reference = losses(run_dir), losses(two_rank_run)
-    assert sorted(resumed) == [5, 6, 7, 8]
-    assert [resumed[s] for s in range(5, 9)] == [reference[s] for s in range(5, 9)], "bitwise equal on CPU"
-    assert ckpt.latest_complete(run_dir / "checkpoints") == run_dir / "checkpoints" / "step-000008"
+    later = list(range(SAVE_EVERY + 1, STEPS + 1))
+    assert sorted(resumed) == later
+    assert [resumed[s] for s in later] == [reference[s] for s in later], "bitwise equal on CPU"
+    assert ckpt.latest_complete(run_dir / "checkpoints") == run_dir / "checkpoints" / ckpt.tag_for(STEPS)
 
 
 @pytest.mark.slow
@@ -174,10 +178,10 @@ def test_same_global_batch_gives_the_same_losses(two_rank_run, prepared_v2, tmp_
 
 @pytest.mark.slow
 def test_one_rank_evaluation_of_two_rank_weights_is_identical(two_rank_run, prepared_v2, tmp_path):
-    """One process loads the 2-rank step-8 checkpoint (resharded through DeepSpeed's universal format; global
+    """One process loads the 2-rank final checkpoint (resharded through DeepSpeed's universal format; global
     batch kept at 4 via grad_accum 2) and evaluates without training: same predictions, same metrics."""
     run_dir = tmp_path / "one_rank_eval"
-    train_single("--data", prepared_v2, "--run-dir", run_dir, "--resume", two_rank_run / "checkpoints" / "step-000008",
+    train_single("--data", prepared_v2, "--run-dir", run_dir, "--resume", two_rank_run / "checkpoints" / ckpt.tag_for(STEPS),
                  *COMMON, "train.micro_batch_size=2", "train.grad_accum=2", "checkpoint.export=false")
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, two_rank_run))
     assert one["world_size"] == 1 and two["world_size"] == 2 and one["step"] == two["step"] == STEPS
@@ -218,7 +222,8 @@ def test_mismatched_tokenizer_fingerprint_is_refused(prepared_v2, tmp_path, caps
     bad = _prepared_copy(prepared_v2, tmp_path, tokenizer__fingerprint="0123456789abcdef")
     assert train_here("--data", bad, "--run-dir", tmp_path / "run", *COMMON) == 2
     err = capsys.readouterr().err
-    assert "0123456789abcdef" in err and "fingerprint" in err
+    model_fingerprint = json.loads((prepared_v2 / "manifest.json").read_text())["tokenizer"]["fingerprint"]
+    assert "0123456789abcdef" in err and model_fingerprint in err, "names both tokenizers"
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
