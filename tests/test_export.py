@@ -81,6 +81,16 @@ def test_causal_lm_export_keeps_tied_weights_and_scores(prepared, tok, batch, tm
     assert json.loads((out / "cic_gpt2.json").read_text())["head"] == "seqcls"
 
 
+def test_half_precision_model_exports_fp32_and_stays_untouched(prepared, tok, tmp_path):
+    live = build(prepared, tok, "seqcls").to(torch.bfloat16)
+    export_hf(live, tmp_path / "bf16", tok, prepared.manifest)
+    assert next(live.parameters()).dtype == torch.bfloat16  # the engine's module is not cast
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "float32"
+    assert next(hf.parameters()).dtype == torch.float32
+    assert torch.equal(hf.score.weight, live.hf_model.score.weight.float())
+
+
 ZERO_SCRIPT = textwrap.dedent("""
     import json, sys, torch, deepspeed, yaml
     from pathlib import Path
