@@ -14,7 +14,8 @@ Distributed (torchrun / srun / mpirun, see `dist.py`): rows are sorted by token 
 micro-batches once, identically on every rank; each rank scores a contiguous slice of those batches; the
 per-row class scores are gathered (each rank's slice is padded to the longest with rows flagged -1, which
 are dropped). A row sits in the same batch whatever the world size, so 1 and N processes give the same
-numbers. Without a launcher it is one process and no process group.
+numbers. Without a launcher it is one process and no process group. Raw CSVs are encoded by every rank
+(deterministic, identical); for large files, `cic-gpt2 prepare` them once and evaluate the prepared split.
 
 Writes to `--output` (rank 0): metrics.json (accuracy, macro/weighted P/R/F1, per-class report, confusion
 matrix as counts and row-normalized, OvR ROC-AUC of the softmax of the class scores, loss, the evaluated
@@ -152,7 +153,8 @@ def gather_scored(local: np.ndarray, info: dist.DistInfo, device) -> np.ndarray:
 
 
 def score_distributed(classifier, rows: EvalRows, num_labels: int, micro_batch_size: int, device, pad_id: int,
-                      max_tokens: int | None, context: int, info: dist.DistInfo, progress: bool) -> np.ndarray:
+                      max_tokens: int | None, context: int, info: dist.DistInfo, comm_device,
+                      progress: bool) -> np.ndarray:
     """Class scores [n, num_labels] (float64) of every row, in row order, from all ranks."""
     from tqdm.auto import tqdm
 
@@ -174,7 +176,7 @@ def score_distributed(classifier, rows: EvalRows, num_labels: int, micro_batch_s
     local[:, 0] = index
     if len(index):
         local[:, 1:] = scores
-    gathered = gather_scored(local, info, device)
+    gathered = gather_scored(local, info, comm_device)
     gathered = gathered[gathered[:, 0] >= 0]
     gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
     if not np.array_equal(gathered[:, 0].astype(np.int64), np.arange(len(rows.labels))):
@@ -288,7 +290,11 @@ def main(args: argparse.Namespace) -> int:
     if info.is_distributed:
         dist.init(info)
     try:
-        device = dist.device(info) if args.device == "auto" else resolve_device(args.device)
+        # The collective runs where the backend wants it (nccl: this rank's GPU) even with --device cpu.
+        comm_device = dist.device(info)
+        if args.device == "cuda":
+            resolve_device("cuda")  # one clear error when no GPU is visible
+        device = resolve_device("cpu") if args.device == "cpu" else comm_device
         classifier, tokenizer, manifest, context = load_model(args.model, device)
         label_names = list(manifest["label_names"])
         if prepared_dir is not None:
@@ -297,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
             rows = load_csv_rows(args.data, manifest, tokenizer, args.unknown_labels)
         split = args.split if prepared_dir is not None else "csv"
         scores = score_distributed(classifier, rows, len(label_names), args.micro_batch_size, device, pad_id_of(tokenizer),
-                                   export_max_length(args.model), context, info, not args.no_progress)
+                                   export_max_length(args.model), context, info, comm_device, not args.no_progress)
     finally:
         if info.is_distributed:
             dist.destroy()
