@@ -99,6 +99,31 @@ def load_tokenizer_for(prepared, model_cfg):
     return tokenizer
 
 
+def build_engine(cfg: RunConfig, classifier, ds_dict: dict, total_steps: int):
+    """The DeepSpeed engine (collective: every rank). AdamW from the DeepSpeed dict, without weight decay on
+    biases and LayerNorm gains; the run config's warmup + decay schedule as a LambdaLR that DeepSpeed steps
+    (never on fp16-skipped steps) and saves with each checkpoint."""
+    import deepspeed
+    import torch
+
+    from cic_gpt2.ds_config import lr_ratio
+
+    tr = cfg.train
+    decay, no_decay = [], []
+    for p in classifier.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    schedule = lambda step: lr_ratio(step, total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
+        model=classifier,
+        model_parameters=groups,
+        config=dict(ds_dict),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    return engine
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------
@@ -117,11 +142,9 @@ class Window:
 class Trainer:
     def __init__(self, cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, tokenizer,
                  resume_from: Optional[Path]):
-        import deepspeed
         import torch
 
         from cic_gpt2 import data as data_mod
-        from cic_gpt2.ds_config import lr_ratio
         from cic_gpt2.loggers import build_logger
         from cic_gpt2.model import build_model
         from cic_gpt2.preempt import PreemptionWatcher
@@ -155,18 +178,7 @@ class Trainer:
             )
         self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * self.steps_per_epoch))
 
-        decay, no_decay = [], []
-        for name, p in self.classifier.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)  # no weight decay on biases and LayerNorm gains
-        groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        schedule = lambda step: lr_ratio(step, self.total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)  # noqa: E731
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=self.classifier,
-            model_parameters=groups,
-            config=dict(ds_dict),
-            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-        )
+        self.engine = build_engine(cfg, self.classifier, ds_dict, self.total_steps)
         self.precision = "fp16" if self.engine.fp16_enabled() else "bf16" if self.engine.bfloat16_enabled() else "fp32"
         self.step = 0
         self.skipped_steps = 0

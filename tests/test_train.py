@@ -271,3 +271,19 @@ def test_fp16_overflow_steps_are_counted_and_stop_the_run(prepared_v2, tmp_path,
     assert rc == 2
     err = capsys.readouterr().err
     assert "3 optimizer steps in a row were skipped" in err and "train.lr" in err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    """`cic-gpt2 demo` end to end (prepare -> 2-process train -> test metrics -> export), shortened to a few
+    steps; the real demo's quality is reported in the README, not asserted here."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "cic_gpt2", "demo", "--out-dir", str(out), "--no-baseline",
+                           "train.max_steps=3", "train.eval_every=0", "checkpoint.every_steps=0", "log.log_every=1"],
+                          env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "macro_f1" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    summary = json.loads((out / "run" / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
+    assert (out / "run" / "export" / "config.json").is_file()
+    assert (out / "run" / "confusion_matrix.png").is_file() and (out / "prepared" / "manifest.json").is_file()
