@@ -113,8 +113,13 @@ def load_prepared_rows(prepared_dir: Path, split: str, model_manifest: dict) -> 
 
 
 def load_csv_rows(paths: list[str], model_manifest: dict, tokenizer, unknown_labels: str) -> EvalRows:
-    from cic_gpt2.prepare import encode_csvs
+    from cic_gpt2.predict import check_input
+    from cic_gpt2.prepare import encode_csvs, expand_inputs
 
+    for path in expand_inputs(paths):
+        if not check_input(path, model_manifest, require_label=False):
+            raise DataError(f"{path}: no label column ({model_manifest.get('label_column')!r} or 'label'); evaluate "
+                            f"needs true labels: use `cic-gpt2 predict` for unlabeled flows")
     input_ids, labels, row_ids, dropped = [], [], [], Counter()
     for chunk in encode_csvs(paths, model_manifest, tokenizer, require_label=True, unknown_labels=unknown_labels):
         input_ids.append(chunk.input_ids)

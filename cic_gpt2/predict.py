@@ -249,11 +249,14 @@ def chunk_frame(chunk, probs: np.ndarray, status: np.ndarray, label_names: list[
     return pd.DataFrame(columns).sort_values("row_id", kind="stable")
 
 
-def input_has_label(path: Path, manifest: dict) -> bool:
-    """Whether the input has the label column encode_csvs will use (the manifest's, else one named label)."""
+def check_input(path: Path, manifest: dict, require_label: bool) -> bool:
+    """The input's CSV format must be the model's training format; returns whether it has a label column."""
     from cic_gpt2.prepare import resolve_layout
 
-    _, layout = resolve_layout(path, manifest.get("label_column"), require_label=False)
+    fmt, layout = resolve_layout(path, manifest.get("label_column"), require_label=require_label)
+    if fmt != manifest["format"]:
+        raise DataError(f"{path}: a {fmt} CSV, but the model was trained on {manifest['format']} rows "
+                        f"({len(manifest['features'])} features); score it with a model trained on {fmt} data")
     return layout.label_column is not None
 
 
@@ -284,7 +287,7 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
         raise CicError(f"--top-k {top_k} exceeds the model's {len(label_names)} classes")
     max_length = export_max_length(model_dir)
     pad_id = pad_id_of(tokenizer)
-    has_label = input_has_label(input_file, manifest)
+    has_label = check_input(input_file, manifest, require_label=False)
     columns = output_columns(label_names, top_k, all_probs, has_label)
 
     out.parent.mkdir(parents=True, exist_ok=True)

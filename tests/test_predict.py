@@ -150,3 +150,12 @@ def test_cuda_predictions_equal_cpu(tiny_export, clean_and_corrupted, tmp_path):
     cpu, gpu = pd.read_csv(tmp_path / "cpu.csv"), pd.read_csv(tmp_path / "gpu.csv")
     assert (cpu["predicted_label"] == gpu["predicted_label"]).all()
     np.testing.assert_allclose(cpu["probability"], gpu["probability"], rtol=1e-3)
+
+
+def test_input_of_another_csv_format_is_refused_by_name(tiny_export, sample_v1, tmp_path, capsys):
+    assert _predict(tiny_export, sample_v1, tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err.strip()
+    assert "a v1 CSV, but the model was trained on v2 rows" in err and len(err.splitlines()) == 1
+    assert run_cli("evaluate", "--model", tiny_export, "--data", sample_v1, "--output", tmp_path / "e") == 2
+    assert "a v1 CSV" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "e").exists()
