@@ -343,28 +343,6 @@ def synthetic_batches(lengths: list[int], micro_batch_size: int, vocab_size: int
         yield {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
-def build_engine(cfg, classifier, ds_dict: dict, total_steps: int):
-    """The engine exactly as `cic-gpt2 train` builds it (cic_gpt2.train.Trainer.__init__): AdamW groups
-    without decay on biases/LayerNorm, the run config's LR schedule, deepspeed.initialize."""
-    import deepspeed
-    import torch
-
-    from cic_gpt2.ds_config import lr_ratio
-
-    tr = cfg.train
-    decay, no_decay = [], []
-    for _, p in classifier.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    schedule = lambda step: lr_ratio(step, total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(
-        model=classifier, model_parameters=groups, config=dict(ds_dict),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-    )
-    return engine
-
-
 def timed_step(engine, batches, grad_accum: int, device, times: Optional[PhaseTimes]) -> None:
     """One optimizer step (grad_accum micro-batches) with each phase timed between device syncs."""
 
@@ -422,7 +400,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         from cic_gpt2.model import build_model, model_flops_per_token
         from cic_gpt2.tokenizer import load_tokenizer
-        from cic_gpt2.train import peak_flops_per_s
+        from cic_gpt2.train import build_engine, peak_flops_per_s  # the engine exactly as `train` builds it
 
         device = dist.device(info)
         if args.gpu_mem_cap and device.type == "cuda":
