@@ -135,7 +135,6 @@ class Window:
     micro_steps: int = 0
     tokens: int = 0  # non-pad tokens, this rank
     samples: int = 0
-    padded_tokens: int = 0
     start_time: float = field(default_factory=time.perf_counter)
 
 
@@ -245,7 +244,6 @@ class Trainer:
             self.window.micro_steps += 1
             mask = batch["attention_mask"]  # host tensor: counting costs no device sync
             self.window.tokens += int(mask.sum())
-            self.window.padded_tokens += mask.numel()
             self.window.samples += mask.shape[0]
         self.step += 1
         # DeepSpeed's fp16 overflow check already synced on the host; reading the counter costs nothing more.
@@ -394,9 +392,11 @@ class Trainer:
         if not (torch.distributed.is_initialized() and self.info.world_size > 1):
             return local
         # Slices are padded to equal length by the eval sampler, so the shapes agree across ranks.
+        # On the backend's device (nccl gathers GPU tensors only); one gather per evaluation.
+        local = local.to(self.device)
         buffers = [torch.empty_like(local) for _ in range(self.info.world_size)]
         torch.distributed.all_gather(buffers, local)
-        return torch.cat(buffers)
+        return torch.cat(buffers).cpu()
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> None:

@@ -145,6 +145,26 @@ def test_zero2_optimizer_state_is_partitioned_across_ranks(two_rank_run):
 
 
 @pytest.mark.slow
+def test_export_predicts_what_the_live_engine_predicted(two_rank_run, prepared_v2):
+    """The HF export written at the end, reloaded with from_pretrained, gives the validation predictions the
+    engine gave during training (same confusion matrix)."""
+    from cic_gpt2.config import DataConfig
+    from cic_gpt2.data import eval_batches, load_prepared
+    from cic_gpt2.export import load_export
+    from cic_gpt2.metrics import classification_metrics
+
+    classifier, tokenizer, manifest = load_export(two_rank_run / "export")
+    val = load_prepared(prepared_v2).split("val")
+    y_pred = []
+    with torch.no_grad():
+        for batch in eval_batches(val, 32, 0, 1, tokenizer, DataConfig()):
+            y_pred += classifier(batch["input_ids"], batch["attention_mask"]).logits.argmax(dim=1).tolist()
+    exported = classification_metrics(val["label"], y_pred, manifest["label_names"])
+    live = json.loads((two_rank_run / "metrics.json").read_text())["val"]
+    assert exported["confusion_matrix"] == live["confusion_matrix"]
+
+
+@pytest.mark.slow
 def test_resume_from_latest_complete_checkpoint_equals_the_uninterrupted_run(two_rank_run, prepared_v2, tmp_path):
     """A run stopped after step 6 (its step-6 checkpoint, plus a half-written step-9 save that must be ignored)
     continues under `--resume auto` and logs the same losses as the run that never stopped."""
