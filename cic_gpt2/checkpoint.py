@@ -99,10 +99,19 @@ def resolve_resume(spec: str, run_dir: str | Path) -> Optional[Path]:
 # --------------------------------------------------------------------------------------------------
 # RNG state (per rank: dropout masks differ between ranks and must continue exactly)
 # --------------------------------------------------------------------------------------------------
+def _numpy_state_to_torch(s: tuple) -> tuple:
+    return (str(s[0]), torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4]))
+
+
+def _numpy_state_from_torch(s: tuple) -> tuple:
+    return (s[0], s[1].numpy().astype(np.uint32), int(s[2]), int(s[3]), float(s[4]))
+
+
 def rng_state() -> dict:
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # numpy's state as tensors and plain numbers, so the file loads with weights_only=True
+        "numpy": _numpy_state_to_torch(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -112,7 +121,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_torch(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -233,5 +242,5 @@ def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size
         )
     rng_file = tag_dir / f"rng_state_rank{rank}.pt"
     if rng_file.is_file():  # absent for ranks that did not exist when it was saved
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state

@@ -211,6 +211,13 @@ def init(info: DistInfo, timeout_s: float = 600.0) -> str:
         MASTER_PORT=str(info.master_port),
     )
     if not torch.distributed.is_initialized():
+        # DeepSpeed creates its ZeRO data-parallel group with new_group() and no timeout, which falls back
+        # to torch's module default (30 min on gloo): set it so a frozen peer surfaces after timeout_s.
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
+        if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+            distributed_c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,

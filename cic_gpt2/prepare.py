@@ -249,13 +249,31 @@ def _check_chunk(df: pd.DataFrame, layout: _FileLayout, spec: InputSpec):
         if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
             values[:, j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
         else:
-            num = pd.to_numeric(col, errors="coerce")
+            num = _to_numeric(col)
             non_numeric |= (num.isna() & col.notna()).to_numpy()
             values[:, j] = num.to_numpy(dtype=np.float64, na_value=np.nan)
     mark(non_numeric, "non_numeric")
     mark(np.isnan(values).any(axis=1), "nan")
-    mark(np.isinf(values).any(axis=1), "inf")
+    # beyond float32 the stored `features` would be inf: drop such rows as inf too
+    with np.errstate(invalid="ignore"):
+        mark((np.isinf(values) | (np.abs(values) > np.finfo(np.float32).max)).any(axis=1), "inf")
     return reason, values, names, unknown, None
+
+
+_NUMBER = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+
+
+def _to_numeric(col: pd.Series) -> pd.Series:
+    """pd.to_numeric(errors="coerce"), except that integer literals beyond float64 (which make pandas raise
+    OverflowError) become +-inf, so the row is dropped as `inf` rather than crashing."""
+    try:
+        return pd.to_numeric(col, errors="coerce")
+    except OverflowError:
+        text = col.astype("string")
+        ok = text.str.match(_NUMBER).fillna(False).astype(bool)
+        out = pd.Series(np.nan, index=col.index, dtype=np.float64)
+        out[ok] = [float(v) for v in text[ok]]
+        return out
 
 
 # Per-process state for worker pools (tokenizer + word cache live in each process).

@@ -137,7 +137,9 @@ def _render_compact(values: np.ndarray, names: list[str]) -> pa.Array:
     for j, name in enumerate(names):
         key = COMPACT_KEYS.get(name, name.replace(" ", "_"))
         if name in FRACTION_FEATURES:
-            pct = np.rint(values[:, j] * 100).astype(np.int64)
+            # clip before the int cast: a fraction column never legitimately exceeds a few hundred percent,
+            # and an unclipped 1e17 would wrap to a negative int64
+            pct = np.rint(np.clip(values[:, j] * 100, -1e15, 1e15)).astype(np.int64)
             words.append(_map_distinct(pct, lambda v, k=key: f"{k}{v}" if v else None, " "))
         else:
             codes = _sig2(values[:, j])

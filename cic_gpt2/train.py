@@ -78,14 +78,23 @@ def main(args: argparse.Namespace) -> int:
             f"{cfg.log.run_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
             f"or pick a new --run-dir"
         )
-    dist.init(info, cfg.dist.timeout_s)
+    from cic_gpt2 import preflight
+
+    preflight.check_train_run(cfg, prepared.manifest, info.world_size, ds_config.precision_of(ds_dict), resume_from)
+    # Installed before the group and the model exist: a SIGUSR1/SIGTERM while the model loads (minutes for
+    # GPT-2-Large) must still end in a checkpoint + exit 75 at the first step boundary, not in death.
+    from cic_gpt2.preempt import PreemptionWatcher
+
+    watcher = PreemptionWatcher().install()
     trainer = None
     try:
-        trainer = Trainer(cfg, info, ds_dict, prepared, tokenizer, resume_from)
+        dist.init(info, cfg.dist.timeout_s)
+        trainer = Trainer(cfg, info, ds_dict, prepared, tokenizer, resume_from, watcher)
         return trainer.fit()
     finally:
         if trainer is not None:
             trainer.close()
+        watcher.uninstall()
         dist.destroy()
 
 
@@ -140,7 +149,7 @@ class Window:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, tokenizer,
-                 resume_from: Optional[Path]):
+                 resume_from: Optional[Path], watcher=None):
         import torch
 
         from cic_gpt2 import data as data_mod
@@ -196,7 +205,7 @@ class Trainer:
         self.data = data_mod
         self.logger = build_logger(self.run_dir, info.is_main, cfg.log.tensorboard,
                                    resume_step=self.start_step if resume_from is not None else None)
-        self.watcher = PreemptionWatcher().install()
+        self.watcher = watcher if watcher is not None else PreemptionWatcher().install()
         self.flops_per_token = self._flops_per_token()
         self.peak = peak_flops_per_s(self._device_name(), self.precision)
         self.progress = self._progress_bar()
@@ -225,7 +234,8 @@ class Trainer:
             self.maybe_eval()
             self.maybe_save()
             if self.watcher.agreed():  # collective: every rank, every step boundary
-                self.save()
+                if self.last_saved_step != self.step:  # maybe_save may have just written this step
+                    self.save()
                 self._say(f"preempted ({self.watcher.received or 'peer'}): saved step {self.step}, exit {EXIT_REQUEUE}")
                 return EXIT_REQUEUE
         self.finish()

@@ -178,9 +178,6 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs hook: dist.init must set distributed_c10d.default_pg_timeout (and "
-                                      "_nccl_) to dist.timeout_s: DeepSpeed's ZeRO groups come from new_group() "
-                                      "without a timeout, so gradient all-reduces wait torch's 30 min default")
 def test_frozen_rank_survivor_errors_after_the_collective_timeout(prepared_v2, tmp_path):
     """A peer that hangs instead of dying (SIGSTOP: its sockets stay open, as with a wedged node or a network
     partition) is found by the collective timeout alone: rank 0 errors out after dist.timeout_s, not never."""
@@ -390,7 +387,6 @@ def test_config_errors_are_reported_before_the_process_group(prepared_v2, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs hook: train.main must call preflight.check_train_run before dist.init")
 @pytest.mark.parametrize("fault", ["batch", "run_dir", "disk"])
 def test_train_refuses_before_the_process_group(prepared_v2, tmp_path, capsys, monkeypatch, no_process_group, fault):
     run_dir, extra = tmp_path / "run", []

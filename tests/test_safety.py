@@ -40,8 +40,6 @@ def test_the_source_scan_sees_the_package():
     assert any(True for _ in _calls("from_pretrained")), "the scan finds calls (else the tests below prove nothing)"
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix: checkpoint.load reads rng_state_rank{R}.pt with weights_only=False "
-                                      "(numpy RNG state pickled as an ndarray)")
 def test_every_torch_load_passes_weights_only_true():
     calls = list(_calls("torch.load"))
     assert calls, "the package reads torch files somewhere (checkpoint RNG states)"
@@ -53,8 +51,6 @@ def test_every_torch_load_passes_weights_only_true():
     assert not unsafe, "torch.load without weights_only=True: " + "; ".join(unsafe)
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix: checkpoint.rng_state stores numpy's RNG state as an ndarray, "
-                                      "which weights_only=True refuses")
 def test_rng_state_files_load_with_weights_only(tmp_path):
     """What train writes into every checkpoint (checkpoint.rng_state) must load with weights_only=True."""
     from cic_gpt2 import checkpoint
