@@ -59,7 +59,8 @@ def test_loss_curve_from_metrics_jsonl_records(tmp_path):
 
 
 def test_loss_curve_without_loss_records_still_says_so(tmp_path):
-    read_png(plot_loss_curve([{"step": 1, "train/lr": 0.1}], tmp_path / "loss.png"))
+    image = read_png(plot_loss_curve([{"step": 1, "train/lr": 0.1}], tmp_path / "loss.png"))
+    assert image is not None and (tmp_path / "loss.png").stat().st_size > 0
 
 
 def test_per_class_f1_bar_chart(tmp_path):

@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from cic_gpt2.errors import CicError
@@ -57,8 +58,9 @@ def test_rng_state_files_load_with_weights_only(tmp_path):
 
     path = tmp_path / "rng_state_rank0.pt"
     torch.save(checkpoint.rng_state(), path)
-    state = torch.load(path, weights_only=True)
-    checkpoint.set_rng_state(state)
+    expected = (np.random.rand(3).tolist(), torch.rand(3).tolist())  # draws right after the save
+    checkpoint.set_rng_state(torch.load(path, weights_only=True))
+    assert (np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
 
 
 def test_trust_remote_code_is_never_enabled():
