@@ -1,5 +1,7 @@
 """Shared test setup: CPU DeepSpeed, no network, the bundled real CICIoT2023 rows."""
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,18 @@ def run_cli(*argv: str) -> int:
     from cic_gpt2.cli import main
 
     return main([str(a) for a in argv])
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit codes of every process, waiting at most `timeout` s in all; kills (and reaps) any still running."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from cic_gpt2 import checkpoint as ckpt
 from cic_gpt2 import preflight
 from cic_gpt2.config import ModelConfig, RunConfig, load_config
 from cic_gpt2.errors import CicError, ConfigError
+import conftest
 from conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,14 +89,7 @@ def start_ranks(run_dir: Path, data: Path, *extra: str, world_size: int = 2, tim
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = RUN_TIMEOUT_S) -> list[int]:
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    return conftest.wait_all(procs, timeout)
 
 
 def logs(run_dir: Path) -> str:
@@ -138,13 +132,8 @@ def test_kill_9_one_rank_survivor_exits_within_the_timeout_and_resume_matches(re
     complete checkpoint and ends with the uninterrupted run's weights."""
     run_dir = tmp_path / "killed"
     procs = start_ranks(run_dir, prepared_v2, "--resume", "auto")
-    first = run_dir / "checkpoints" / ckpt.tag_for(SAVE_EVERY) / ckpt.COMPLETE_MARKER
-    deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while not first.exists():
-            assert all(p.poll() is None for p in procs), logs(run_dir)
-            assert time.monotonic() < deadline, logs(run_dir)
-            time.sleep(0.005)
+        _wait_for(run_dir / "checkpoints" / ckpt.tag_for(SAVE_EVERY) / ckpt.COMPLETE_MARKER, procs, run_dir)
         procs[1].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         survivor_code = procs[0].wait(timeout=TIMEOUT_S + 40)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_all
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_SCRIPTS = sorted((REPO / "launch").glob("*.sh"))
 SBATCH_SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -307,13 +309,7 @@ def _start_slurm_tasks(run_dir: Path, data: Path, *extra: str, ntasks: int = 2) 
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float = RUN_TIMEOUT_S) -> list[int]:
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    return wait_all(procs, timeout)
 
 
 def _logs(run_dir: Path) -> str:

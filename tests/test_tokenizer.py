@@ -53,6 +53,7 @@ def _check_exact(encoder, tok, texts):
     assert len(offsets) == len(texts) + 1
     for i, ids in enumerate(expected):
         assert flat[offsets[i]:offsets[i + 1]].tolist() == ids, texts[i]
+    return expected
 
 
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
@@ -69,7 +70,8 @@ def test_word_cache_equals_whole_text_tokenization_on_real_rows(tok, fmt, sample
 def test_word_cache_exact_on_awkward_text(tok):
     texts = ["a b  c", " lead", "trail ", "x\ty z", "line\nbreak", "<|endoftext|> q", "", "it's 12.5 ok",
              "a\u00a0 b", "é ü 你好 x", "   ", "flow_duration:1234 src_port:80 dst_port:443 protocol:TCP..."]
-    _check_exact(WordEncoder(tok), tok, texts)
+    expected = _check_exact(WordEncoder(tok), tok, texts)
+    assert expected[texts.index("")] == [] and all(expected[i] for i, t in enumerate(texts) if t)
 
 
 def test_word_cache_is_bounded(tok):
