@@ -8,14 +8,17 @@ VENV ?= .venv
 # CPU build for the quick start; override e.g. TORCH_SPEC='torch' to take whatever pip resolves.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# Exact versions the suite passes with; `make test CONSTRAINTS=` takes the newest releases instead.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q $(PIP_C) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +28,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The fast loop: no multi-process / DeepSpeed-spawning tests (marked slow). CI runs `make test`.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo_out runs

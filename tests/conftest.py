@@ -1,6 +1,8 @@
 """Shared test setup: CPU DeepSpeed, no network, the bundled real CICIoT2023 rows."""
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,8 +14,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# DeepSpeed compiles a small CPU comm op once (~25 s); keep it across runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cic_gpt2_torch_extensions"))
+# DeepSpeed JIT-compiles a small CPU comm op under TORCH_EXTENSIONS_DIR behind a lock file that torch waits on
+# with no timeout. A directory shared with other processes on the machine (another test run, a user's job, a
+# build killed mid-way that left its lock behind) can stall this suite for as long as they hold it, so every
+# session gets its own: the op is built once (fixture `deepspeed_ops`, ahead of the multi-process tests), then
+# reused by every subprocess, and the directory is removed at the end.
+_SESSION_EXT_DIR = tempfile.mkdtemp(prefix="cic_gpt2_torch_ext_")
+os.environ["TORCH_EXTENSIONS_DIR"] = _SESSION_EXT_DIR
+
+# Subprocess timeouts catch hangs, never slowness: sized so a machine 3x slower than ours still passes.
+HANG_FACTOR = 3
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "cic_gpt2" / "data"
 SAMPLE_V1 = DATA_DIR / "ciciot2023_orig46_kittu7738_sample.csv"  # 46 features + label, 100 rows
@@ -28,6 +38,39 @@ def sample_v1() -> Path:
 @pytest.fixture(scope="session")
 def sample_v2() -> Path:
     return SAMPLE_V2
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_EXT_DIR, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # multi-process tests start several DeepSpeed processes: build the op once before them
+        if item.get_closest_marker("slow"):
+            item.fixturenames.insert(0, "deepspeed_ops")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """DeepSpeed's CPU shared-memory comm op, compiled once into this session's TORCH_EXTENSIONS_DIR."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    builder = ShareMemCommBuilder()
+    if builder.is_compatible():
+        builder.load(verbose=False)
+    return _SESSION_EXT_DIR
+
+
+def hang_timeout(seconds: float) -> float:
+    """A subprocess timeout meant to catch a hang: `seconds` (what it takes here) times HANG_FACTOR."""
+    return seconds * HANG_FACTOR
+
+
+def last_lines(text: str | bytes | None, n: int = 25) -> str:
+    """The tail of a process's output, for a failure message that says what it was doing."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").splitlines()[-n:])
 
 
 def run_cli(*argv: str) -> int:
