@@ -97,3 +97,15 @@ def prepared_v2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "v2_8class"
     assert run_cli("prepare", SAMPLE_V2, "--output", out, "--classes", "8", "--seed", "0") == 0
     return out
+
+
+def run_proc(cmd, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with captured text output; a hang fails the test with the process's last output lines."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    try:
+        return subprocess.run(cmd, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung: no exit after {timeout:.0f} s: {' '.join(map(str, cmd))}\n"
+                    f"--- last stdout ---\n{last_lines(e.stdout)}\n--- last stderr ---\n{last_lines(e.stderr)}",
+                    pytrace=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cic_gpt2 import bench
-from conftest import run_cli
+from conftest import run_cli, run_proc
 
 GPT2_LARGE_PARAMS = 774_030_080  # transformer body of GPT-2-Large (Radford et al. report "774M")
 
@@ -98,7 +98,7 @@ RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADD
 def _bench_train(*argv) -> subprocess.CompletedProcess:
     """`cic-gpt2 bench train` in its own process, as a user runs it (it sets up its own process group)."""
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    proc = subprocess.run([sys.executable, "-m", "cic_gpt2", "bench", "train", *map(str, argv)], env=env,
+    proc = run_proc([sys.executable, "-m", "cic_gpt2", "bench", "train", *map(str, argv)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SAMPLE_V2, run_cli
+from conftest import SAMPLE_V2, run_cli, run_proc
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -186,7 +186,7 @@ def test_one_and_two_processes_give_identical_numbers(evaluated, tiny_export, pr
            "--master_port", str(_free_port()), "-m", "cic_gpt2", "evaluate", "--model", str(tiny_export),
            "--data", str(prepared_v2), "--output", str(out), "--micro-batch-size", "32", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_proc(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
     one, two = _metrics(evaluated), _metrics(out)

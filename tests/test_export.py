@@ -15,7 +15,7 @@ from cic_gpt2.errors import CicError
 from cic_gpt2.export import export_hf, load_export
 from cic_gpt2.model import build_model
 from cic_gpt2.tokenizer import load_tokenizer
-from conftest import run_cli
+from conftest import run_cli, run_proc
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def zero2_runs(prepared_v2, tmp_path_factory):
     script.write_text(ZERO_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    proc = subprocess.run([sys.executable, str(script), str(prepared_v2), str(out)], env=env,
+    proc = run_proc([sys.executable, str(script), str(prepared_v2), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -27,7 +27,7 @@ from cic_gpt2 import preflight
 from cic_gpt2.config import ModelConfig, RunConfig, load_config
 from cic_gpt2.errors import CicError, ConfigError
 import conftest
-from conftest import run_cli
+from conftest import run_cli, run_proc
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 16
@@ -364,7 +364,7 @@ def test_config_errors_are_reported_before_the_process_group(prepared_v2, tmp_pa
     """A real `cic-gpt2 train` as rank 0 of 2 whose peer never comes: had it reached deepspeed.init_distributed
     it would wait there for rank 1 (up to dist.timeout_s=300). It exits 2 with one line naming the key."""
     start = time.monotonic()
-    proc = subprocess.run(
+    proc = run_proc(
         [sys.executable, "-m", "cic_gpt2", "train", "--data", str(prepared_v2), "--run-dir", str(tmp_path / "run"),
          "dist.timeout_s=300", *overrides],
         env=_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())),

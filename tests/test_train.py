@@ -18,7 +18,7 @@ import torch
 
 from cic_gpt2 import checkpoint as ckpt
 from cic_gpt2.loggers import read_jsonl
-from conftest import run_cli
+from conftest import run_cli, run_proc
 
 STEPS = 12
 SAVE_EVERY = 6
@@ -39,7 +39,7 @@ def _clean_env() -> dict:
 
 
 def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_proc(cmd, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}: {cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -298,7 +298,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     """`cic-gpt2 demo` end to end (prepare -> 2-process train -> test metrics -> export), shortened to a few
     steps; the real demo's quality is reported in the README, not asserted here."""
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "cic_gpt2", "demo", "--out-dir", str(out), "--no-baseline",
+    proc = run_proc([sys.executable, "-m", "cic_gpt2", "demo", "--out-dir", str(out), "--no-baseline",
                            "train.max_steps=3", "train.eval_every=0", "checkpoint.every_steps=0", "log.log_every=1"],
                           env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
