@@ -22,9 +22,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _SESSION_EXT_DIR = tempfile.mkdtemp(prefix="cic_gpt2_torch_ext_")
 os.environ["TORCH_EXTENSIONS_DIR"] = _SESSION_EXT_DIR
 
-# Subprocess timeouts catch hangs, never slowness: sized so a machine 3x slower than ours still passes.
-HANG_FACTOR = 3
-
 DATA_DIR = Path(__file__).resolve().parent.parent / "cic_gpt2" / "data"
 SAMPLE_V1 = DATA_DIR / "ciciot2023_orig46_kittu7738_sample.csv"  # 46 features + label, 100 rows
 SAMPLE_V2 = DATA_DIR / "ciciot2023_v2_39feat_robotumbel_sample.csv"  # 39 features + Label, 4,050 rows, CRLF
@@ -59,11 +56,6 @@ def deepspeed_ops():
     if builder.is_compatible():
         builder.load(verbose=False)
     return _SESSION_EXT_DIR
-
-
-def hang_timeout(seconds: float) -> float:
-    """A subprocess timeout meant to catch a hang: `seconds` (what it takes here) times HANG_FACTOR."""
-    return seconds * HANG_FACTOR
 
 
 def last_lines(text: str | bytes | None, n: int = 25) -> str:
