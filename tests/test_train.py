@@ -283,7 +283,8 @@ def test_fp16_overflow_steps_are_counted_and_stop_the_run(prepared_v2, tmp_path,
     if not get_accelerator().is_fp16_supported():
         pytest.skip("DeepSpeed reports no fp16 support on this accelerator (CPU): fp16 runs need a GPU")
     ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero2_fp16.json").read_text())
-    ds["fp16"].update(initial_scale_power=120, min_loss_scale=2**100, hysteresis=1)
+    # 2**40 overflows fp16 (max 65504) yet fits int64: DeepSpeed multiplies the loss by the scale as a Python int
+    ds["fp16"].update(initial_scale_power=40, min_loss_scale=2**30, hysteresis=1)
     path = tmp_path / "overflowing_fp16.json"
     path.write_text(json.dumps(ds))
     rc = train_here("--data", prepared_v2, "--run-dir", tmp_path / "run", *COMMON, f"train.ds_config={path}",
