@@ -21,7 +21,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cic_gpt2.errors import CicError, DataError
+from cic_gpt2.files import atomic_path, write_text
 from cic_gpt2.metrics import classification_metrics, compare_markdown, metrics_markdown
 
 HELP = "RandomForest / HistGradientBoosting on the prepared train split, scored on the same test rows as the model"
@@ -233,21 +233,13 @@ def _metrics_with_rows(result: BaselineResult) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_predictions(path: Path, results: dict[str, BaselineResult], label_names: list[str]) -> None:
     first = next(iter(results.values()))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["row_id", "label", *results])
         for i, row_id in enumerate(first.row_ids):
             writer.writerow([int(row_id), label_names[first.y_true[i]], *(label_names[r.y_pred[i]] for r in results.values())])
-    os.replace(tmp, path)
 
 
 def write_report(output_dir: str | Path, prepared_dir: str | Path, manifest: dict,
@@ -272,7 +264,7 @@ def write_report(output_dir: str | Path, prepared_dir: str | Path, manifest: dic
             for name, r in results.items()
         },
     }
-    _write_atomic(out / "baseline.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "baseline.json", json.dumps(report, indent=2) + "\n")
     _write_predictions(out / "predictions.csv", results, label_names)
 
     header = (
@@ -286,7 +278,7 @@ def write_report(output_dir: str | Path, prepared_dir: str | Path, manifest: dic
         plot_confusion_matrix(r.metrics["confusion_matrix"], label_names, out / f"confusion_matrix_{short}.png",
                               normalize=True, title=f"{name}: confusion matrix (row-normalized, n={r.metrics['n']})")
         plot_per_class_f1(r.metrics, out / f"per_class_f1_{short}.png", title=f"{name}: per-class F1 (test)")
-    _write_atomic(out / "baseline.md", "\n".join(sections))
+    write_text(out / "baseline.md", "\n".join(sections))
     return report
 
 

@@ -30,17 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.files import write_text
+from cic_gpt2.perf import GIB, flops_per_token, param_count, peak_flops_per_s, peak_memory_gib, precision_name
 
 HELP = "training speed, MFU and memory benchmarks (`bench memory`, `bench train`)"
 
-GIB = 2**30
 CONTEXT_GIB = 1.0
 """CUDA context (~0.3-0.5 GiB on V100/A100), cuBLAS/cuDNN workspaces and NCCL buffers, which the PyTorch
 allocator does not see but the card's capacity must hold."""
@@ -64,11 +64,7 @@ class Shape:
 
     def param_count(self, head: str = "seqcls", num_labels: int = 8) -> int:
         """Exact trainable parameters of GPT2ForSequenceClassification / GPT2LMHeadModel (tied lm_head)."""
-        h = self.n_embd
-        # per block: ln_1 (2h) + c_attn (3h²+3h) + c_proj (h²+h) + ln_2 (2h) + c_fc (4h²+4h) + mlp c_proj (4h²+h)
-        block = 12 * h * h + 13 * h
-        body = self.vocab_size * h + self.n_positions * h + self.n_layer * block + 2 * h
-        return body + (h * num_labels if head == "seqcls" else 0)
+        return param_count(self, num_labels, head)
 
 
 def model_shape(name_or_path: str) -> Shape:
@@ -201,17 +197,13 @@ def estimate_ds_configs(case: MemoryCase, gpu_mem_gib: float) -> list[tuple[str,
         if zero["stage"] > 2:
             continue
         est = estimate(
-            MemoryCase(**{**asdict_shallow(case), "precision": precision}),
+            replace(case, precision=precision),
             zero["stage"], offload, gpu_mem_gib,
             reduce_bucket_size=float(zero.get("reduce_bucket_size", 5e8)),
             overlap_comm=bool(zero.get("overlap_comm", False)), label=name,
         )
         rows.append((name, precision, est))
     return rows
-
-
-def asdict_shallow(obj) -> dict:
-    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
 
 
 def _gib(x: float) -> str:
@@ -270,7 +262,7 @@ def run_memory(args: argparse.Namespace) -> int:
               "or more GPUs (--world-size)")
     if args.json:
         payload = {
-            "case": {**asdict_shallow(case), "shape": asdict(shape), "params": case.params},
+            "case": {**asdict(case), "params": case.params},
             "gpu_mem_gib": args.gpu_mem, "context_gib": CONTEXT_GIB, "fragmentation": FRAGMENTATION,
             "stages": [{**asdict(e), "model_state_bytes": e.model_state_bytes} for e in stages],
             "ds_configs": [{**asdict(e), "precision": p} for _, p, e in configs],
@@ -281,10 +273,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,16 +359,6 @@ def timed_step(engine, batches, grad_accum: int, device, times: Optional[PhaseTi
             times.tokens_nonpad += int(mask.sum())
 
 
-def peak_memory_gib(device) -> tuple[float, str]:
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "peak RSS"
-
-
 def run_train(args: argparse.Namespace) -> int:
 
     import torch
@@ -398,9 +377,9 @@ def run_train(args: argparse.Namespace) -> int:
     label_names = _label_names(cfg, args)
     dist.init(info, cfg.dist.timeout_s)
     try:
-        from cic_gpt2.model import build_model, model_flops_per_token
+        from cic_gpt2.model import build_model
         from cic_gpt2.tokenizer import load_tokenizer
-        from cic_gpt2.train import build_engine, peak_flops_per_s  # the engine exactly as `train` builds it
+        from cic_gpt2.train import build_engine  # the engine exactly as `train` builds it
 
         device = dist.device(info)
         if args.gpu_mem_cap and device.type == "cuda":
@@ -411,7 +390,7 @@ def run_train(args: argparse.Namespace) -> int:
         classifier = build_model(cfg.model, label_names, tokenizer)
         hf_config = classifier.hf_model.config
         engine = build_engine(cfg, classifier, ds_dict, args.warmup_steps + args.steps)
-        precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
+        precision = precision_name(engine)
         batches = synthetic_batches(lengths, cfg.train.micro_batch_size, hf_config.vocab_size, len(label_names),
                                     tokenizer.eos_token_id, cfg.data, cfg.train.seed + info.rank)
         from tqdm.auto import tqdm
@@ -438,9 +417,9 @@ def run_train(args: argparse.Namespace) -> int:
             per_rank = [None] * info.world_size
             torch.distributed.all_gather_object(per_rank, local)  # collective: every rank
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        params = sum(p.numel() for p in classifier.parameters())
+        params = param_count(hf_config, len(label_names), cfg.model.head)
         report = summarize(per_rank, cfg, args, params, info.world_size, precision, device_name, str(ds_path), lengths_source,
-                           hf_config, model_flops_per_token, peak_flops_per_s(device_name, precision), mem_source)
+                           hf_config, flops_per_token, peak_flops_per_s(device_name, precision), mem_source)
         if info.is_main:
             print(format_report(report))
             if args.output:

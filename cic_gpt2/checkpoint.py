@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.files import write_text
 
 COMPLETE_MARKER = "COMPLETE"
 UNIVERSAL_DIR = "universal"
@@ -135,12 +136,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save(
     engine,
     ckpt_dir: str | Path,
@@ -170,9 +165,9 @@ def save(
     _barrier()  # every rank's partition and RNG file is on disk
     if is_main:
         for name, text in side_files.items():
-            _write_atomic(tag_dir / name, text)
+            write_text(tag_dir / name, text)
         marker = {"step": step, "world_size": world_size, "time": time.time()}
-        _write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n")
+        write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n")
         prune(ckpt_dir, keep_last)
     _barrier()  # nobody leaves (e.g. to exit for requeue) before the marker exists
     return tag_dir

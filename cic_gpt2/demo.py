@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cic_gpt2.errors import CicError
+from cic_gpt2.files import free_port
 
 HELP = "whole pipeline on the bundled real CICIoT2023 sample (CPU, tiny GPT-2)"
 SAMPLE_V2 = Path(__file__).resolve().parent / "data" / "ciciot2023_v2_39feat_robotumbel_sample.csv"
@@ -54,15 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra train overrides, e.g. train.epochs=2")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_command(prepared: Path, run_dir: Path, nproc: int, overrides: list[str]) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     merged = dict(o.split("=", 1) for o in DEMO_TRAIN_OVERRIDES)
     for item in overrides:  # the user's KEY=VALUE replaces the demo's setting of the same key
         if "=" not in item:

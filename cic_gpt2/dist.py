@@ -16,11 +16,11 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Mapping
 
 from cic_gpt2.errors import ConfigError
+from cic_gpt2.files import free_port
 
 DEFAULT_PORT = 29500
 
@@ -119,12 +119,6 @@ def slurm_port(job_id: str) -> int:
     return 15000 + int(digits) % 17000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def discover(env: Mapping[str, str] | None = None) -> DistInfo:
     """Work out this process's place in the job from its environment (see module docstring)."""
     env = os.environ if env is None else env
@@ -160,7 +154,7 @@ def discover(env: Mapping[str, str] | None = None) -> DistInfo:
             source="openmpi",
         )
     else:
-        info = DistInfo(0, 0, 1, "127.0.0.1", _port(env, 0) if "MASTER_PORT" in env else _free_port(), "single")
+        info = DistInfo(0, 0, 1, "127.0.0.1", _port(env, 0) if "MASTER_PORT" in env else free_port(), "single")
     if not 0 <= info.rank < info.world_size or info.local_rank < 0:
         raise ConfigError(
             f"rank {info.rank} (local {info.local_rank}) does not fit world size {info.world_size} "

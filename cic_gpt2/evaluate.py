@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ import pyarrow as pa
 
 from cic_gpt2 import dist
 from cic_gpt2.errors import CicError, DataError
+from cic_gpt2.files import atomic_path, write_text
 
 HELP = "metrics of an exported model on a prepared split or raw CSVs (JSON, Markdown, plots; --compare baselines)"
 DEFAULT_MICRO_BATCH_SIZE = 64
@@ -206,12 +206,6 @@ def metrics_from_scores(scores: np.ndarray, rows: EvalRows, label_names: list[st
 
 
 # ================================================================================================ report
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_predictions(path: Path, rows: EvalRows, scores: np.ndarray, label_names: list[str]) -> None:
     import pandas as pd
 
@@ -222,9 +216,8 @@ def write_predictions(path: Path, rows: EvalRows, scores: np.ndarray, label_name
     names = np.asarray(label_names, dtype=object)
     frame = pd.DataFrame({"row_id": rows.row_ids, "label": names[rows.labels], "predicted_label": names[y_pred],
                           "probability": probs[np.arange(len(y_pred)), y_pred]})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
 
 
 def model_display_name(model_dir: str | Path) -> str:
@@ -242,9 +235,9 @@ def write_report(out: Path, metrics: dict, rows: EvalRows, scores: np.ndarray, l
     from cic_gpt2.plots import plot_confusion_matrix, plot_per_class_f1
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "metrics.json", json.dumps({**context, "metrics": metrics}, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps({**context, "metrics": metrics}, indent=2) + "\n")
     dropped = f"\nRows dropped by the training-time checks: {rows.dropped}\n" if rows.dropped else ""
-    _write_atomic(out / "metrics.md", metrics_markdown(metrics, title) + dropped)
+    write_text(out / "metrics.md", metrics_markdown(metrics, title) + dropped)
     write_predictions(out / "predictions.csv", rows, scores, label_names)
     cm = metrics["confusion_matrix"]
     plot_confusion_matrix(cm, label_names, out / "confusion_matrix.png", normalize=False,
@@ -267,8 +260,8 @@ def compare_with_baselines(out: Path, model_name: str, metrics: dict, prepared_d
     results = {model_name: metrics, **baselines}
     table = (f"## {model_name} vs baselines on {prepared_dir} (test split, n={metrics['n']}, same rows: "
              f"row ids sha256 {metrics['row_ids_sha256'][:16]}...)\n\n" + compare_markdown(results))
-    _write_atomic(out / "compare.md", table)
-    _write_atomic(out / "compare.json", json.dumps({"prepared_dir": str(prepared_dir), "results": results}, indent=2)
+    write_text(out / "compare.md", table)
+    write_text(out / "compare.json", json.dumps({"prepared_dir": str(prepared_dir), "results": results}, indent=2)
                   + "\n")
     return table
 

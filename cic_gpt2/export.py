@@ -30,6 +30,7 @@ import yaml
 
 from cic_gpt2 import __version__
 from cic_gpt2.errors import CicError
+from cic_gpt2.files import replace_dir, write_text
 
 HELP = "DeepSpeed checkpoint -> Hugging Face model directory"
 META_FILE = "cic_gpt2.json"
@@ -67,29 +68,16 @@ def export_hf(classifier, out_dir: str | Path, tokenizer, manifest: dict, run_co
             "tokenizer_fingerprint": manifest.get("tokenizer", {}).get("fingerprint"),
             "prompt": classifier.prompt,
         }
-        _write(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
-        _write(tmp / "data_manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_text(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        write_text(tmp / "data_manifest.json", json.dumps(manifest, indent=2) + "\n")
         if run_config is not None:
-            _write(tmp / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+            write_text(tmp / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         if ds_config is not None:
-            _write(tmp / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+            write_text(tmp / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _write(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`; an existing `dst` is moved aside first and removed after."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_export(path: str | Path):

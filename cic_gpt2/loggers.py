@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol
 
+from cic_gpt2.files import write_text
+
 
 class Logger(Protocol):
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
@@ -54,9 +56,7 @@ class JsonlLogger:
         kept = []
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:

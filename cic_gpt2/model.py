@@ -357,15 +357,3 @@ def build_model(model_cfg, label_names: list[str], tokenizer, *, load_weights: b
     prompt = prompt_spec(tokenizer, label_names) if model_cfg.head == "causal-lm" else None
     return TrafficClassifier(hf_model, model_cfg.head, label_names, prompt)
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def model_flops_per_token(hf_config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the PaLM / nanoGPT convention: 6*N + 12*n_layer*n_embd*seq_len,
-    N = the transformer blocks' matmul weights (12*n_layer*n_embd^2). Embedding lookups are no FLOPs; the
-    classification head (seqcls) and the few LM-head positions (causal-lm) are negligible and not counted."""
-    n_layer, n_embd = hf_config.n_layer, hf_config.n_embd
-    n_matmul = 12 * n_layer * n_embd ** 2
-    return float(6 * n_matmul + 12 * n_layer * n_embd * seq_len)

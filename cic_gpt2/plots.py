@@ -7,7 +7,6 @@ Figures scale with the number of classes so 34 CICIoT2023 classes stay readable.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,23 +17,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cic_gpt2.errors import DataError  # noqa: E402
+from cic_gpt2.files import atomic_path  # noqa: E402
 
 ANNOTATE_MAX_CLASSES = 12
 """Write the value in each confusion-matrix cell only up to this many classes (beyond, it is clutter)."""
 
 
 def _save_atomic(fig, path: str | Path, dpi: int = 120) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def _tick_fontsize(num_classes: int) -> float:

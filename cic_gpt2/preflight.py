@@ -67,23 +67,11 @@ def estimate_checkpoint(param_count: int, world_size: int, precision: str = "fp3
     return CheckpointEstimate(param_count, precision, world_size, checkpoint, export_bytes, needed)
 
 
-def gpt2_param_count(hf_config, num_labels: int, head: str) -> int:
-    """Parameters of the classifier `model.build_model` builds, from its GPT2Config alone (no weights, no
-    process group): embeddings + blocks + final LayerNorm + the head (seqcls: a bias-free score layer;
-    causal-lm: the LM head is tied to the token embedding, no new parameters)."""
-    d, n_layer = hf_config.n_embd, hf_config.n_layer
-    inner = hf_config.n_inner or 4 * d
-    block = (2 * 2 * d  # ln_1, ln_2
-             + d * 3 * d + 3 * d + d * d + d  # attention c_attn, c_proj
-             + d * inner + inner + inner * d + d)  # mlp c_fc, c_proj
-    body = hf_config.vocab_size * d + hf_config.n_positions * d + n_layer * block + 2 * d
-    return body + (num_labels * d if head == "seqcls" else 0)
-
-
 def param_count_for(model_cfg, label_names: list[str]) -> int:
     from cic_gpt2.model import build_hf_config
+    from cic_gpt2.perf import param_count
 
-    return gpt2_param_count(build_hf_config(model_cfg, label_names), len(label_names), model_cfg.head)
+    return param_count(build_hf_config(model_cfg, label_names), len(label_names), model_cfg.head)
 
 
 # --------------------------------------------------------------------------------------------------

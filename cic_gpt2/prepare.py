@@ -38,6 +38,7 @@ import pyarrow as pa
 from cic_gpt2 import __version__
 from cic_gpt2 import schema
 from cic_gpt2.errors import DataError
+from cic_gpt2.files import replace_dir
 from cic_gpt2.templates import TEMPLATES, render
 
 HELP = "CICIoT2023 CSVs -> serialized, tokenized, sharded Arrow splits + manifest.json"
@@ -656,23 +657,12 @@ def main(args: argparse.Namespace) -> int:
             "rows_read": int(sum(rows_by_file.values())),
         }
         (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(data_dir, out)
+        replace_dir(data_dir, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     _print_summary(manifest, out, elapsed, t_encode)
     return 0
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished dataset onto dst; an old dst (--overwrite) is removed only after the new one is in place."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _print_summary(m: dict, out: Path, elapsed: float, t_encode: float) -> None:

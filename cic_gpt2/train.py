@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,31 +21,15 @@ from typing import Optional
 
 import yaml
 
-from cic_gpt2 import checkpoint, dist
+from cic_gpt2 import checkpoint, dist, perf
 from cic_gpt2.config import RunConfig, load_config, to_dict
 from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.files import write_text
 
 HELP = "fine-tune GPT-2 with DeepSpeed ZeRO-2 on prepared splits"
 
-# Dense peak FLOP/s per GPU for MFU (vendor datasheets; H100/H200 SXM; fp32 = non-tensor-core).
-PEAK_FLOPS = {
-    "V100": {"fp16": 125e12, "bf16": None, "fp32": 15.7e12},
-    "A100": {"fp16": 312e12, "bf16": 312e12, "fp32": 19.5e12},
-    "H100": {"fp16": 989e12, "bf16": 989e12, "fp32": 67e12},
-    "H200": {"fp16": 989e12, "bf16": 989e12, "fp32": 67e12},
-}
-
-
 class TrainingStopped(CicError):
     """Training cannot usefully continue (e.g. fp16 loss scale stuck at its minimum)."""
-
-
-def peak_flops_per_s(device_name: str, precision: str) -> Optional[float]:
-    """Peak of one device from PEAK_FLOPS, None when unknown (CPU, other GPUs): perf/mfu is then not logged."""
-    for key, peaks in PEAK_FLOPS.items():
-        if key in device_name.upper():
-            return peaks.get(precision)
-    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,7 +169,7 @@ class Trainer:
         self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * self.steps_per_epoch))
 
         self.engine = build_engine(cfg, self.classifier, ds_dict, self.total_steps)
-        self.precision = "fp16" if self.engine.fp16_enabled() else "bf16" if self.engine.bfloat16_enabled() else "fp32"
+        self.precision = perf.precision_name(self.engine)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -207,14 +189,14 @@ class Trainer:
                                    resume_step=self.start_step if resume_from is not None else None)
         self.watcher = watcher if watcher is not None else PreemptionWatcher().install()
         self.flops_per_token = self._flops_per_token()
-        self.peak = peak_flops_per_s(self._device_name(), self.precision)
+        self.peak = perf.peak_flops_per_s(perf.device_name(self.device), self.precision)
         self.progress = self._progress_bar()
         self.window = Window()
         self._epoch_batches = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            self._write_text(self.run_dir / "ds_config.json", json.dumps(ds_dict, indent=2) + "\n")
+            write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            write_text(self.run_dir / "ds_config.json", json.dumps(ds_dict, indent=2) + "\n")
         self._say(
             f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, global batch {self.global_batch_size} "
             f"= {tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {self.precision}, "
@@ -298,7 +280,7 @@ class Trainer:
             "train/epoch": self.step / self.steps_per_epoch,
             "perf/tokens_per_s": tokens_per_s,
             "perf/samples_per_s": samples / elapsed,
-            "perf/max_mem_gb": self._max_mem_gb(),
+            "perf/max_mem_gb": perf.peak_memory_gib(self.device)[0],
         }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -338,7 +320,7 @@ class Trainer:
             "val": val,
             "test": test,
         }
-        self._write_text(self.run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        write_text(self.run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         self.write_plots(test)
         if self.cfg.checkpoint.export:
             from cic_gpt2.export import export_hf
@@ -459,25 +441,11 @@ class Trainer:
             return 1.0
         return float(getattr(self.engine.optimizer, "loss_scale", getattr(self.engine.optimizer, "cur_scale", 1.0)))
 
-    def _max_mem_gb(self) -> float:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: this rank's peak RSS (KiB)
-
-    def _device_name(self) -> str:
-        import torch
-
-        return torch.cuda.get_device_name(self.device) if torch.cuda.is_available() else "cpu"
-
     def _flops_per_token(self) -> float:
-        from cic_gpt2.model import model_flops_per_token
-
         lengths = self.train_split["length"]
         mean_len = float(sum(lengths) / max(len(lengths), 1))
         seq_len = int(min(mean_len, self.cfg.data.max_length or mean_len)) or 1
-        return float(model_flops_per_token(self.classifier.hf_model.config, seq_len))
+        return perf.flops_per_token(self.classifier.hf_model.config, seq_len)
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -503,12 +471,6 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.is_main:
             self.progress.write(text) if hasattr(self, "progress") else print(text, flush=True)
-
-    @staticmethod
-    def _write_text(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
 
     def close(self) -> None:
         self.progress.close()

@@ -233,12 +233,12 @@ def test_kill_during_checkpoint_write_is_never_resumed_from(reference_run, prepa
 # Refused before training starts: run dir, free space, batch arithmetic
 # --------------------------------------------------------------------------------------------------
 def test_param_count_estimate_equals_the_built_model():
-    from cic_gpt2.model import build_model, count_parameters, load_model_tokenizer
+    from cic_gpt2.model import build_model, load_model_tokenizer
 
     labels = ["Benign", "DDoS", "Mirai"]
     for head in ("seqcls", "causal-lm"):
         cfg = ModelConfig(name="tiny", head=head)
-        built = count_parameters(build_model(cfg, labels, load_model_tokenizer(cfg)))
+        built = sum(p.numel() for p in build_model(cfg, labels, load_model_tokenizer(cfg)).parameters())
         assert preflight.param_count_for(cfg, labels) == built, head
 
 

@@ -7,8 +7,9 @@ import torch
 from cic_gpt2.config import DataConfig, ModelConfig
 from cic_gpt2.data import eval_batches, load_prepared
 from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.perf import flops_per_token
 from cic_gpt2.model import (
-    PRESETS, TrafficClassifier, build_hf_config, build_model, model_flops_per_token,
+    PRESETS, TrafficClassifier, build_hf_config, build_model,
 )
 from cic_gpt2.tokenizer import load_tokenizer
 
@@ -170,4 +171,4 @@ def test_rows_longer_than_the_context_are_a_clear_error(tok, head):
 def test_flops_per_token_by_hand():
     cfg = build_hf_config(ModelConfig(name="gpt2"), LABELS)
     # 6 * 12 layers * 12 * 768^2 + 12 * 12 layers * 768 * 128 positions
-    assert model_flops_per_token(cfg, 128) == 6 * 12 * 12 * 768**2 + 12 * 12 * 768 * 128
+    assert flops_per_token(cfg, 128) == 6 * 12 * 12 * 768**2 + 12 * 12 * 768 * 128
