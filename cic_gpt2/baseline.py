@@ -31,6 +31,7 @@ import numpy as np
 from cic_gpt2.errors import CicError, DataError
 from cic_gpt2.files import atomic_path, write_text
 from cic_gpt2.metrics import classification_metrics, compare_markdown, metrics_markdown
+from cic_gpt2.prepared import Prepared
 
 HELP = "RandomForest / HistGradientBoosting on the prepared train split, scored on the same test rows as the model"
 
@@ -43,15 +44,6 @@ HGB_MIN_ROWS_PER_THREAD = 50_000
 """HistGradientBoosting's OpenMP regions are tiny on small data: on the 3,240-row sample, 2 threads on 2
 busy cores took 7-37 s against 1-2 s for one thread. Below this many training rows per thread it runs
 on fewer threads."""
-
-
-@dataclass(frozen=True)
-class FeatureSplit:
-    """One prepared split as a dense matrix: rows in split order."""
-
-    features: np.ndarray  # [n, num_features] float32
-    labels: np.ndarray  # [n] int64 class ids
-    row_ids: np.ndarray  # [n] int64 global source-row ids
 
 
 @dataclass(frozen=True)
@@ -69,66 +61,9 @@ class BaselineResult:
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
-def read_manifest(prepared_dir: str | Path) -> dict:
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found: --data must be a directory written by `cic-gpt2 prepare`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run `cic-gpt2 prepare`") from None
-
-
-def require_features(manifest: dict, prepared_dir: str | Path) -> list[str]:
-    """The manifest's numeric feature names; a CicError for a dataset that has none (text format)."""
-    names = list(manifest.get("features") or [])
-    if manifest.get("format") == "text" or not names:
-        raise CicError(
-            f"{prepared_dir} was prepared from a text,label CSV (format {manifest.get('format')!r}) and holds no "
-            "numeric features; baselines need a CSV-derived dataset: prepare the CICIoT2023 feature CSVs "
-            "(v1 or v2 schema) instead"
-        )
-    return names
-
-
 def row_ids_digest(row_ids: Iterable[int]) -> str:
     """sha256 of the row ids (int64, in order): equal digests mean exactly the same rows in the same order."""
     return hashlib.sha256(np.ascontiguousarray(np.asarray(row_ids, dtype="<i8")).tobytes()).hexdigest()
-
-
-def load_feature_split(prepared_dir: str | Path, split: str, num_features: int) -> FeatureSplit:
-    """Read `features`, `label`, `row_id` of a prepared split (memory-mapped Arrow) into numpy."""
-    import datasets
-    import pyarrow.compute as pc
-
-    split_dir = Path(prepared_dir) / split
-    if not split_dir.is_dir():
-        raise DataError(f"{split_dir} not found: the prepared directory has no {split!r} split; re-run `cic-gpt2 prepare`")
-    table = datasets.load_from_disk(str(split_dir)).with_format("arrow")[:]
-    missing = {"features", "label", "row_id"} - set(table.column_names)
-    if missing:
-        raise DataError(f"{split_dir} lacks column(s) {', '.join(sorted(missing))}; re-run `cic-gpt2 prepare`")
-    n = table.num_rows
-    column = table.column("features").combine_chunks()
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    row_ids = table.column("row_id").to_numpy().astype(np.int64)
-    bad = np.flatnonzero(lengths != num_features)
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(
-            f"{split_dir}: row_id {int(row_ids[i])} has {int(lengths[i])} features, the manifest lists {num_features}; "
-            "re-run `cic-gpt2 prepare`"
-        )
-    features = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, num_features)
-    nonfinite = ~np.isfinite(features).all(axis=1)
-    if nonfinite.any():
-        i = int(np.flatnonzero(nonfinite)[0])
-        raise DataError(
-            f"{split_dir}: row_id {int(row_ids[i])} has a NaN or infinite feature ({int(nonfinite.sum())} rows in all); "
-            "re-run `cic-gpt2 prepare`, which drops such rows"
-        )
-    labels = table.column("label").to_numpy().astype(np.int64)
-    return FeatureSplit(features=features, labels=labels, row_ids=row_ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,11 +119,9 @@ def fit_baselines(
     short_names = parse_models(models)
     if jobs < 1:
         raise CicError(f"--jobs={jobs} must be >= 1")
-    manifest = read_manifest(prepared_dir)
-    feature_names = require_features(manifest, prepared_dir)
-    label_names = list(manifest["label_names"])
-    train = load_feature_split(prepared_dir, "train", len(feature_names))
-    test = load_feature_split(prepared_dir, "test", len(feature_names))
+    prepared = Prepared.load(prepared_dir)
+    manifest, label_names = prepared.manifest, prepared.label_names
+    train, test = prepared.feature_split("train"), prepared.feature_split("test")
     if train.labels.size == 0 or test.labels.size == 0:
         raise DataError(f"{prepared_dir}: the train or test split is empty; prepare more rows")
 

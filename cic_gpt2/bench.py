@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.errors import ConfigError
 from cic_gpt2.files import write_text
 from cic_gpt2.perf import GIB, flops_per_token, param_count, peak_flops_per_s, peak_memory_gib, precision_name
 
@@ -220,22 +220,15 @@ def memory_table(rows: list[MemoryEstimate]) -> str:
     return "\n".join(lines)
 
 
-def _manifest_seq_len(data_dir: str) -> tuple[int, int]:
-    """(p95 token length rounded up to 8, number of labels) from a prepared dataset's manifest."""
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise CicError(f"{path} not found: pass a directory written by `cic-gpt2 prepare`, or --seq-len")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    max_len = int(manifest["max_length"])
-    return 8 * math.ceil(max_len / 8), len(manifest["label_names"])
-
-
 def run_memory(args: argparse.Namespace) -> int:
     shape = model_shape(args.model)
     seq_len, num_labels = args.seq_len, 8
     if args.data:
-        data_len, num_labels = _manifest_seq_len(args.data)
-        seq_len = seq_len or data_len
+        from cic_gpt2.prepared import Prepared
+
+        prepared = Prepared.load(args.data)
+        num_labels = len(prepared.label_names)
+        seq_len = seq_len or 8 * math.ceil(prepared.max_length / 8)
     seq_len = seq_len or 512
     case = MemoryCase(shape, args.world_size, args.micro_batch, seq_len, args.precision,
                       args.gradient_checkpointing, args.head, num_labels, args.attention)
@@ -304,9 +297,9 @@ def synthetic_lengths(cfg, args) -> tuple[list[int], str]:
         return [args.seq_len], f"fixed {args.seq_len} tokens"
     if not cfg.data.path:
         raise ConfigError("bench train needs --data DIR (lengths of its train split) or --seq-len N")
-    from cic_gpt2.data import load_prepared
+    from cic_gpt2.prepared import Prepared
 
-    lengths = [int(n) for n in load_prepared(cfg.data.path).split("train")["length"]]
+    lengths = [int(n) for n in Prepared.load(cfg.data.path).split("train")["length"]]
     if cfg.data.max_length:
         lengths = [min(n, cfg.data.max_length) for n in lengths]
     return lengths, f"lengths of {cfg.data.path}/train ({len(lengths)} rows, mean {sum(lengths) / len(lengths):.1f})"
@@ -432,8 +425,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _label_names(cfg, args) -> list[str]:
     if cfg.data.path and not args.seq_len:
-        manifest = json.loads((Path(cfg.data.path) / "manifest.json").read_text(encoding="utf-8"))
-        return list(manifest["label_names"])
+        from cic_gpt2.prepared import Prepared
+
+        return Prepared.load(cfg.data.path).label_names
     return [f"class_{i}" for i in range(args.num_labels)]
 
 

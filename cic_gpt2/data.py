@@ -22,10 +22,7 @@ pre-tokenized prompt and answers in the model.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -33,73 +30,9 @@ import torch
 
 from cic_gpt2.errors import DataError
 
-SPLITS = ("train", "val", "test")
-REQUIRED_COLUMNS = ("input_ids", "label", "length", "row_id")
 GROUP_CHUNK_BATCHES = 64
 """Length grouping sorts chunks of this many global batches: big enough to find similar lengths, small
 enough that batches still mix the whole epoch after the shuffle."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Prepared dataset
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prepared:
-    """A directory written by `cic-gpt2 prepare`."""
-
-    path: Path
-    manifest: dict
-
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.manifest["label_names"])
-
-    def split(self, name: str):
-        """The split as a memory-mapped `datasets.Dataset` (rows stay on disk until read)."""
-        import datasets
-
-        if name not in SPLITS:
-            raise DataError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
-        split_dir = self.path / name
-        if not split_dir.is_dir():
-            raise DataError(f"{split_dir} is missing: {self.path} is not a complete prepared dataset; "
-                            f"run `cic-gpt2 prepare ... --output {self.path} --overwrite`")
-        ds = datasets.load_from_disk(str(split_dir))
-        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
-        if missing:
-            raise DataError(f"{split_dir} lacks column(s) {', '.join(missing)}; it was not written by "
-                            f"`cic-gpt2 prepare` (or by an older version): prepare it again")
-        return ds
-
-
-def load_prepared(path: str | Path) -> Prepared:
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path} not found: {path} is not a prepared dataset; "
-                        f"create it with `cic-gpt2 prepare CSV... --output {path}`")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{manifest_path} is not valid JSON ({e}); prepare the dataset again") from None
-    for key in ("label_names", "tokenizer"):
-        if key not in manifest:
-            raise DataError(f"{manifest_path} has no {key!r} key; prepare the dataset again")
-    return Prepared(path=path, manifest=manifest)
-
-
-def check_tokenizer(manifest: dict, tokenizer, what: str = "the tokenizer in use") -> None:
-    """Refuse ids made by another tokenizer: DataError naming both fingerprints and sources."""
-    from cic_gpt2.tokenizer import tokenizer_fingerprint, tokenizer_source
-
-    want = manifest.get("tokenizer", {})
-    have = tokenizer_fingerprint(tokenizer)
-    if want.get("fingerprint") != have:
-        raise DataError(
-            f"the dataset was tokenized with tokenizer {want.get('fingerprint')} ({want.get('source')}) but "
-            f"{what} is {have} ({tokenizer_source(tokenizer)}): token ids would mean different words; prepare "
-            f"the data again with `cic-gpt2 prepare ... --tokenizer <the model's dir>` or pick the matching model"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,10 +136,6 @@ def _batch(dataset, rows: np.ndarray, index: np.ndarray, tokenizer, data_cfg) ->
 # --------------------------------------------------------------------------------------------------
 # Iterators used by train / evaluate
 # --------------------------------------------------------------------------------------------------
-def steps_per_epoch(n: int, global_batch_size: int) -> int:
-    return n // global_batch_size
-
-
 def train_batches(
     dataset,
     *,

@@ -130,7 +130,7 @@ def load_checkpoint_classifier(tag_dir: Path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from cic_gpt2.config import RunConfig, from_dict
-    from cic_gpt2.data import check_tokenizer
+    from cic_gpt2.prepared import check_tokenizer
     from cic_gpt2.model import build_model
     from cic_gpt2.tokenizer import load_tokenizer
 

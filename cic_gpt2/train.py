@@ -47,12 +47,12 @@ def main(args: argparse.Namespace) -> int:
     info = dist.discover()
     # Everything that can be wrong with the inputs fails here, before any process group exists.
     from cic_gpt2 import ds_config
-    from cic_gpt2.data import load_prepared
+    from cic_gpt2.prepared import Prepared
 
     if not cfg.data.path:
         raise ConfigError("data.path is not set: pass --data DIR (a directory written by `cic-gpt2 prepare`)")
     ds_dict, ds_path = ds_config.load_and_build(cfg.train, info.world_size)
-    prepared = load_prepared(cfg.data.path)
+    prepared = Prepared.load(cfg.data.path)
     tokenizer = load_tokenizer_for(prepared, cfg.model)
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir)
     if resume_from is None and checkpoint.latest_complete(Path(cfg.log.run_dir) / "checkpoints") is not None:
@@ -82,11 +82,10 @@ def main(args: argparse.Namespace) -> int:
 
 def load_tokenizer_for(prepared, model_cfg):
     """The model's tokenizer; refuses a dataset whose ids were made by another (fingerprints differ)."""
-    from cic_gpt2.data import check_tokenizer
     from cic_gpt2.model import load_model_tokenizer
 
     tokenizer = load_model_tokenizer(model_cfg)
-    check_tokenizer(prepared.manifest, tokenizer, what=f"model {model_cfg.name}'s tokenizer")
+    prepared.check_tokenizer(tokenizer, what=f"model {model_cfg.name}'s tokenizer")
     return tokenizer
 
 

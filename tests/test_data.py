@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from cic_gpt2.config import DataConfig
+from cic_gpt2.prepared import Prepared, check_tokenizer
 from cic_gpt2.data import (
-    check_tokenizer, collate, eval_batches, eval_indices, global_batches, load_prepared, rank_micro_batches,
+    collate, eval_batches, eval_indices, global_batches, rank_micro_batches,
     train_batches,
 )
 from cic_gpt2.errors import DataError
@@ -84,7 +85,7 @@ def test_eval_slices_cover_each_row_once_with_flagged_padding(n, world):
 
 
 def test_train_batches_on_prepared_data_resume_and_split_invariance(prepared_v2):
-    prepared = load_prepared(prepared_v2)
+    prepared = Prepared.load(prepared_v2)
     train = prepared.split("train")
     tok = load_tokenizer(None)
     cfg = DataConfig(group_by_length=True)
@@ -113,7 +114,7 @@ def test_train_batches_on_prepared_data_resume_and_split_invariance(prepared_v2)
 
 
 def test_eval_batches_match_between_one_and_two_ranks(prepared_v2):
-    prepared = load_prepared(prepared_v2)
+    prepared = Prepared.load(prepared_v2)
     val = prepared.split("val")
     tok = load_tokenizer(None)
     one = [b for b in eval_batches(val, 16, 0, 1, tok, DataConfig())]
@@ -129,18 +130,18 @@ def test_eval_batches_match_between_one_and_two_ranks(prepared_v2):
 
 def test_bad_dataset_dirs_are_data_errors(tmp_path, prepared_v2):
     with pytest.raises(DataError, match="not a prepared dataset"):
-        load_prepared(tmp_path)
+        Prepared.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
-        load_prepared(tmp_path)
+        Prepared.load(tmp_path)
     manifest = json.loads((prepared_v2 / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="test is missing"):
-        load_prepared(tmp_path).split("test")
+        Prepared.load(tmp_path).split("test")
 
 
 def test_tokenizer_fingerprint_mismatch_names_both(prepared_v2):
-    prepared = load_prepared(prepared_v2)
+    prepared = Prepared.load(prepared_v2)
     tok = load_tokenizer(None)
     check_tokenizer(prepared.manifest, tok)  # the dataset's own tokenizer passes
     other = copy.deepcopy(tok)

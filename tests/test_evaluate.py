@@ -131,14 +131,14 @@ def test_report_files_agree_with_the_predictions(evaluated, prepared_v2):
 
 
 def test_compare_scores_baselines_on_exactly_the_models_test_rows(evaluated, prepared_v2):
-    from cic_gpt2.baseline import fit_baselines, load_feature_split, row_ids_digest
+    from cic_gpt2.baseline import fit_baselines, row_ids_digest
+    from cic_gpt2.prepared import Prepared
 
     compare = json.loads((evaluated / "compare.json").read_text())["results"]
     model_name, *baselines = list(compare)
     assert model_name.startswith("GPT-2 tiny") and baselines == ["RandomForest", "HistGradientBoosting"]
     model_rows = pd.read_csv(evaluated / "predictions.csv")["row_id"].to_numpy()
-    manifest = json.loads((prepared_v2 / "manifest.json").read_text())
-    baseline_rows = load_feature_split(prepared_v2, "test", len(manifest["features"])).row_ids
+    baseline_rows = Prepared.load(prepared_v2).feature_split("test").row_ids
     assert np.array_equal(model_rows, baseline_rows)
     digest = row_ids_digest(model_rows)
     assert all(compare[name]["row_ids_sha256"] == digest for name in compare)

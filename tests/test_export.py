@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel, pipeline
 
 from cic_gpt2.config import DataConfig, ModelConfig, RunConfig, to_dict
-from cic_gpt2.data import eval_batches, load_prepared
+from cic_gpt2.data import eval_batches
+from cic_gpt2.prepared import Prepared
 from cic_gpt2.errors import CicError
 from cic_gpt2.export import export_hf, load_export
 from cic_gpt2.model import build_model
@@ -25,7 +26,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def prepared(prepared_v2):
-    return load_prepared(prepared_v2)
+    return Prepared.load(prepared_v2)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +97,13 @@ ZERO_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from cic_gpt2 import checkpoint, dist
     from cic_gpt2.config import ModelConfig, DataConfig, RunConfig, to_dict
-    from cic_gpt2.data import load_prepared, train_batches, eval_batches
+    from cic_gpt2.data import train_batches, eval_batches
+    from cic_gpt2.prepared import Prepared
     from cic_gpt2.model import build_model
     from cic_gpt2.tokenizer import load_tokenizer
 
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
-    prepared, tok = load_prepared(data), load_tokenizer(None)
+    prepared, tok = Prepared.load(data), load_tokenizer(None)
     dist.init(dist.discover())
     for head in ("seqcls", "causal-lm"):
         run_dir = out / head

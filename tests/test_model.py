@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cic_gpt2.config import DataConfig, ModelConfig
-from cic_gpt2.data import eval_batches, load_prepared
+from cic_gpt2.data import eval_batches
+from cic_gpt2.prepared import Prepared
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.perf import flops_per_token
 from cic_gpt2.model import (
@@ -23,7 +24,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def val_batch(prepared_v2, tok):
-    prepared = load_prepared(prepared_v2)
+    prepared = Prepared.load(prepared_v2)
     return next(eval_batches(prepared.split("val"), 6, 0, 1, tok, DataConfig()))
 
 

@@ -149,12 +149,13 @@ def test_export_predicts_what_the_live_engine_predicted(two_rank_run, prepared_v
     """The HF export written at the end, reloaded with from_pretrained, gives the validation predictions the
     engine gave during training (same confusion matrix)."""
     from cic_gpt2.config import DataConfig
-    from cic_gpt2.data import eval_batches, load_prepared
+    from cic_gpt2.data import eval_batches
+    from cic_gpt2.prepared import Prepared
     from cic_gpt2.export import load_export
     from cic_gpt2.metrics import classification_metrics
 
     classifier, tokenizer, manifest = load_export(two_rank_run / "export")
-    val = load_prepared(prepared_v2).split("val")
+    val = Prepared.load(prepared_v2).split("val")
     y_pred = []
     with torch.no_grad():
         for batch in eval_batches(val, 32, 0, 1, tokenizer, DataConfig()):
