@@ -123,9 +123,9 @@ def bench_head(work: Path, prepared: Path, args, head: str) -> dict:
     import pyarrow as pa
     import torch
 
+    from cic_gpt2.encode import encode_csvs
     from cic_gpt2.model import prompt_spec
     from cic_gpt2.predict import load_model, pad_id_of, predict_csv, score_rows
-    from cic_gpt2.prepare import encode_csvs
 
     device = torch.device(args.device)
     export = build_export(work, prepared, args.preset, head)

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cic_gpt2 import prepare, schema
+from cic_gpt2 import encode, prepare, schema
 from cic_gpt2.errors import CicError
 from conftest import SAMPLE_V1, SAMPLE_V2, run_cli
 
@@ -150,7 +149,7 @@ def cases(draw) -> Case:
             row.data = b",".join(cells)
             # the label moves into the wrong column (v2: the last column is left empty -> missing label);
             # v1 has an ignored column after the label whose value may well be a valid label
-            row.reasons |= set(prepare.REASONS)
+            row.reasons |= set(encode.REASONS)
             row.any_fate |= name == "v1"
         elif op == "extra_field":
             row.data += b"," + draw(st.sampled_from([b"1.0", b"", b"x"]))
@@ -248,7 +247,7 @@ def _check_written(case: Case, out: Path) -> None:
     dropped = manifest["dropped"]
     assert manifest["rows_read"] == n and manifest["inputs"][0]["rows"] == n, (manifest["rows_read"], n)
     assert written + sum(dropped.values()) == n, (written, dropped, n)
-    assert set(dropped) <= set(prepare.REASONS) | {"class_too_small", "over_max_per_class"}, dropped
+    assert set(dropped) <= set(encode.REASONS) | {"class_too_small", "over_max_per_class"}, dropped
 
     tables = [datasets.load_from_disk(str(out / s)).to_pandas() for s in prepare.SPLITS]
     row_ids = np.concatenate([t["row_id"].to_numpy() for t in tables])
@@ -288,8 +287,8 @@ def _check_encode_csvs(case: Case, inp: Path, rc: int) -> None:
                 "label2id": {n: i for i, n in enumerate(label_names)}}
     kept, dropped = [], {}
     try:
-        for chunk in prepare.encode_csvs([inp], manifest, _tokenizer(), unknown_labels="drop",
-                                         chunk_rows=case.chunk_rows):
+        for chunk in encode.encode_csvs([inp], manifest, _tokenizer(), unknown_labels="drop",
+                                        chunk_rows=case.chunk_rows):
             kept += chunk.row_ids.tolist()
             dropped.update(zip(chunk.dropped_row_ids.tolist(), chunk.dropped_reasons))
             assert len(chunk.row_ids) == len(chunk.labels) == chunk.features.shape[0] == len(chunk.input_ids)

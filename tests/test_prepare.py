@@ -1,6 +1,5 @@
 """`cic-gpt2 prepare` end to end on the real bundled rows: outputs, manifest, split, round trip, bad input."""
 import json
-import shutil
 from pathlib import Path
 
 import datasets
@@ -9,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from cic_gpt2 import prepare, schema
+from cic_gpt2 import encode, prepare, schema
 from cic_gpt2.errors import CicError, DataError
 from cic_gpt2.templates import render
 from cic_gpt2.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -90,7 +89,7 @@ def test_columns_types_and_round_trip(prepared_v2, sample_v2):
 
 def test_split_is_stratified_and_deterministic(tmp_path, sample_v2):
     a = prep(tmp_path / "a", sample_v2, args=("--seed", "1"))
-    b = prep(tmp_path / "b", sample_v2, args=("--seed", "1"))
+    prep(tmp_path / "b", sample_v2, args=("--seed", "1"))
     c = prep(tmp_path / "c", sample_v2, args=("--seed", "2"))
     assert a["label_names"] == list(schema.LABELS_34)
     for name, n in a["splits"]["train"]["class_counts"].items():  # 150 rows per present class
@@ -204,7 +203,7 @@ def test_multiple_inputs_directory_and_glob(tmp_path, sample_v2):
 
 def test_encode_csvs_matches_prepared_rows(prepared_v2, sample_v2, tmp_path):
     manifest = json.loads((prepared_v2 / "manifest.json").read_text())
-    chunks = list(prepare.encode_csvs([sample_v2], manifest, load_tokenizer(), chunk_rows=1000))
+    chunks = list(encode.encode_csvs([sample_v2], manifest, load_tokenizer(), chunk_rows=1000))
     assert sum(c.rows_read for c in chunks) == 4050 and all(len(c.dropped_row_ids) == 0 for c in chunks)
     by_row = {int(r): (ids, int(lab)) for c in chunks for r, ids, lab in
               zip(c.row_ids, c.input_ids.to_pylist(), c.labels)}
@@ -213,10 +212,29 @@ def test_encode_csvs_matches_prepared_rows(prepared_v2, sample_v2, tmp_path):
         assert by_row[r] == (list(ids), lab)
     unlabeled = tmp_path / "nolabel.csv"
     pd.read_csv(sample_v2).drop(columns=["Label"]).head(50).to_csv(unlabeled, index=False)
-    (chunk,) = prepare.encode_csvs([unlabeled], manifest, load_tokenizer(), require_label=False, with_text=True)
+    (chunk,) = encode.encode_csvs([unlabeled], manifest, load_tokenizer(), require_label=False, with_text=True)
     assert (chunk.labels == -1).all() and len(chunk.texts) == 50 and chunk.features.shape == (50, 39)
     with pytest.raises(DataError, match="label column 'Label' not in header"):
-        list(prepare.encode_csvs([unlabeled], manifest, load_tokenizer()))
+        list(encode.encode_csvs([unlabeled], manifest, load_tokenizer()))
+
+
+def test_check_format_against_the_model_manifest(prepared_v2, sample_v1, sample_v2, tmp_path):
+    v2 = json.loads((prepared_v2 / "manifest.json").read_text())
+    assert encode.check_format(sample_v2, v2, require_label=True) is True
+    unlabeled = tmp_path / "nolabel.csv"
+    pd.read_csv(sample_v2).drop(columns=["Label"]).head(5).to_csv(unlabeled, index=False)
+    assert encode.check_format(unlabeled, v2, require_label=False) is False
+    with pytest.raises(DataError) as err:
+        encode.check_format(sample_v1, v2, require_label=False)
+    assert str(err.value).startswith(f"{sample_v1}: a v1 CSV, but the model was trained on v2 rows (39 features)")
+    v1 = {"format": "v1", "features": list(schema.FEATURES_BY_FORMAT["v1"]), "label_column": "label"}
+    assert encode.check_format(sample_v1, v1, require_label=True) is True
+    with pytest.raises(DataError, match="a v2 CSV, but the model was trained on v1 rows") as err:
+        encode.check_format(sample_v2, v1, require_label=False)
+    assert str(err.value).startswith(f"{sample_v2}: ")
+    with pytest.raises(DataError) as err:  # the v1 label column `label` is checked first: absent from v2
+        encode.check_format(sample_v2, v1, require_label=True)
+    assert str(err.value).startswith(f"{sample_v2}: ")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
