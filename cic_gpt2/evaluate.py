@@ -114,7 +114,7 @@ def load_prepared_rows(prepared_dir: Path, split: str, model_manifest: dict) -> 
 
 def load_csv_rows(paths: list[str], model_manifest: dict, tokenizer, unknown_labels: str) -> EvalRows:
     from cic_gpt2.predict import check_input
-    from cic_gpt2.prepare import encode_csvs, expand_inputs
+    from cic_gpt2.encode import encode_csvs, expand_inputs
 
     for path in expand_inputs(paths):
         if not check_input(path, model_manifest, require_label=False):

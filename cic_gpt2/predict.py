@@ -269,7 +269,7 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
     {rows, predicted, not_predicted {status: n}, seconds, flows_per_s}. `loaded` reuses a `load_model` result."""
     from tqdm.auto import tqdm
 
-    from cic_gpt2.prepare import encode_csvs, expand_inputs
+    from cic_gpt2.encode import encode_csvs, expand_inputs
 
     if top_k < 1 or batch_size < 1 or chunk_rows < 1:
         raise CicError(f"--top-k ({top_k}), --batch-size ({batch_size}) and --chunk-rows ({chunk_rows}) must be >= 1")
