@@ -55,7 +55,7 @@ def build_export(work: Path, prepared: Path, preset: str, head: str) -> Path:
     import torch
 
     from cic_gpt2.config import ModelConfig, RunConfig, to_dict
-    from cic_gpt2.export import export_hf
+    from cic_gpt2.exported import export_hf
     from cic_gpt2.model import build_model
     from cic_gpt2.tokenizer import load_tokenizer
 
@@ -125,13 +125,15 @@ def bench_head(work: Path, prepared: Path, args, head: str) -> dict:
 
     from cic_gpt2.encode import encode_csvs
     from cic_gpt2.model import prompt_spec
-    from cic_gpt2.predict import load_model, pad_id_of, predict_csv, score_rows
+    from cic_gpt2.exported import Export
+    from cic_gpt2.inference import pad_id_of, score_rows
+    from cic_gpt2.predict import predict_csv
 
     device = torch.device(args.device)
     export = build_export(work, prepared, args.preset, head)
-    loaded = load_model(export, device)
-    classifier, tokenizer, manifest, context = loaded
-    label_names = list(manifest["label_names"])
+    loaded = Export.open(export).load(device)
+    classifier, tokenizer = loaded
+    manifest, label_names, context = Export.open(export).manifest, Export.open(export).label_names, classifier.max_row_tokens
 
     # predict, end to end (warm-up on 256 rows first: first-call allocations are not throughput)
     warm = work / "warm.csv"

@@ -372,7 +372,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         from cic_gpt2.model import build_model
         from cic_gpt2.tokenizer import load_tokenizer
-        from cic_gpt2.train import build_engine  # the engine exactly as `train` builds it
+        from cic_gpt2.trainer import build_engine  # the engine exactly as `train` builds it
 
         device = dist.device(info)
         if args.gpu_mem_cap and device.type == "cuda":

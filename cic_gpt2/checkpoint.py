@@ -239,3 +239,57 @@ def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size
     if rng_file.is_file():  # absent for ranks that did not exist when it was saved
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's component
+# --------------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Owns RUN_DIR/checkpoints for one training run: what to resume from, the universal conversion
+    when the world size changed, loading, and saving on its cadence (`checkpoint.every_steps`)."""
+
+    def __init__(self, cfg, info, resume_from: Optional[Path], side_files: dict[str, str]):
+        self.ckpt_dir = Path(cfg.log.run_dir) / "checkpoints"
+        self.every_steps, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
+        self.info, self.resume_from, self.side_files = info, resume_from, side_files
+        # A checkpoint from another world size is resharded through DeepSpeed's universal format.
+        self.universal = resume_from is not None and saved_world_size(resume_from) != info.world_size
+        self.last_saved_step = -1
+
+    @staticmethod
+    def resolve(cfg) -> Optional[Path]:
+        """The tag dir `checkpoint.resume` names (None: a fresh start); refuses to start afresh over an
+        earlier run's checkpoints."""
+        resume_from = resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir)
+        if resume_from is None and latest_complete(Path(cfg.log.run_dir) / "checkpoints") is not None:
+            raise ConfigError(f"{cfg.log.run_dir} already holds checkpoints of an earlier run: continue it with "
+                              f"--resume auto, or pick a new --run-dir")
+        return resume_from
+
+    def engine_config(self, ds_dict: dict) -> dict:
+        """Collective when resharding: converts the checkpoint and returns the DeepSpeed dict that loads it."""
+        if not self.universal:
+            return ds_dict
+        convert_to_universal(self.resume_from, is_main=self.info.is_main)
+        return {**ds_dict, "checkpoint": {**ds_dict.get("checkpoint", {}), "load_universal": True}}
+
+    def load(self, engine, global_batch_size: int) -> Optional[dict]:
+        """The resumed client state (step, skipped_steps, ...), or None for a fresh start. Collective."""
+        if self.resume_from is None:
+            return None
+        state = load(engine, self.resume_from, rank=self.info.rank, world_size=self.info.world_size,
+                     global_batch_size=global_batch_size, universal=self.universal)
+        self.last_saved_step = int(state["step"])
+        return state
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """On the cadence, except the last step (the end of training saves it anyway)."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and step != total_steps
+
+    def save(self, engine, step: int, client_state: dict) -> None:
+        """Collective: every rank calls it at the same step. A step already saved is not saved again."""
+        if step == self.last_saved_step:
+            return
+        save(engine, self.ckpt_dir, step, client_state, rank=self.info.rank, world_size=self.info.world_size,
+             is_main=self.info.is_main, side_files=self.side_files, keep_last=self.keep_last)
+        self.last_saved_step = step

@@ -6,6 +6,7 @@ pays for importing DeepSpeed). A command module provides:
     HELP: str                                   one line for `cic-gpt2 --help`
     def add_arguments(parser) -> None           its flags
     def main(args: argparse.Namespace) -> int   exit status
+    def epilog() -> str                         optional: text after the flags in --help
 
 A `CicError` anywhere becomes one line on stderr and exit status 2; no traceback.
 """
@@ -50,7 +51,13 @@ def _top_parser() -> argparse.ArgumentParser:
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"cic-gpt2 {command}", description=getattr(module, "HELP", help_text))
+    epilog = getattr(module, "epilog", None)
+    parser = argparse.ArgumentParser(
+        prog=f"cic-gpt2 {command}", description=getattr(module, "HELP", help_text),
+        epilog=epilog() if epilog else None,
+        # Raw keeps the epilog's own line breaks (train's config keys); other commands keep argparse's wrapping.
+        formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter,
+    )
     module.add_arguments(parser)
     parser.set_defaults(_main=module.main)
     return parser

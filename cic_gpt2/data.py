@@ -1,34 +1,17 @@
-"""Prepared splits -> batches: memory-mapped Arrow, the global-batch sampling contract, dynamic padding.
+"""Prepared splits -> training batches: the global-batch sampling contract and the training collate.
 
-Global-batch contract (what makes micro 4 x accumulation 1 == micro 1 x accumulation 4 == 2 ranks x micro 2):
-
-* epoch e has a permutation P_e of the split, seeded by (seed, e) alone (numpy PCG64, platform independent);
-* optimizer step k of the epoch consumes the global batch P_e[k*G:(k+1)*G], G = micro_batch_size * grad_accum
-  * world_size; the incomplete last global batch is dropped;
-* rank r takes the contiguous slice [r*G/W, (r+1)*G/W) of it and cuts that into grad_accum micro-batches.
-
-So the examples of step k depend on (seed, epoch, G) only, never on how G is split. Every micro-batch has the
-same size and its loss is a mean over its examples, so DeepSpeed's average over micro-batches and ranks is the
-mean over the global batch. Resume = start the epoch at step k. With `data.group_by_length` the epoch's
-complete global batches are re-formed from length-sorted chunks of P_e (GROUP_CHUNK_BATCHES batches each)
-and then shuffled: still a function of (seed, epoch, G, lengths), so the invariance holds, with less padding.
-
-Evaluation: rank r scores the contiguous slice [r*ceil(n/W), (r+1)*ceil(n/W)) of the split, padded to that
-equal count with copies of a real row whose `index` is -1, so gathered predictions drop them and 1 rank and
-2 ranks score the same rows.
-
-Nothing tokenizes here: rows hold GPT-2 ids already (`cic-gpt2 prepare`); the causal-lm head adds its
-pre-tokenized prompt and answers in the model.
-"""
+The contract (the examples of optimizer step k depend on (seed, epoch, global batch) only, never on how the
+global batch is split over micro-batches, accumulation and ranks): docs/model.md, "Batches". Rows hold
+GPT-2 ids already (`cic-gpt2 prepare`); evaluation batches are formed by `inference`."""
 from __future__ import annotations
 
-import math
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from cic_gpt2.errors import DataError
+from cic_gpt2.inference import pad_batch, pad_id_of
 
 GROUP_CHUNK_BATCHES = 64
 """Length grouping sorts chunks of this many global batches: big enough to find similar lengths, small
@@ -70,18 +53,6 @@ def rank_micro_batches(global_batch: np.ndarray, rank: int, world_size: int, gra
     return np.split(mine, grad_accum)
 
 
-def eval_indices(n: int, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows to read, index reported) for this rank: a contiguous slice padded to ceil(n/W) rows; padding
-    reads a real row (so shapes are ordinary) but reports index -1."""
-    per_rank = math.ceil(n / world_size) if n else 0
-    start, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
-    real = np.arange(start, stop)
-    n_pad = per_rank - len(real)
-    rows = np.concatenate([real, np.full(n_pad, max(start - 1, 0) if n else 0, dtype=np.int64)])
-    index = np.concatenate([real, np.full(n_pad, -1, dtype=np.int64)])
-    return rows.astype(np.int64), index
-
-
 # --------------------------------------------------------------------------------------------------
 # Collate
 # --------------------------------------------------------------------------------------------------
@@ -93,20 +64,12 @@ def collate(
     max_length: Optional[int] = None,
     pad_to_multiple_of: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad (with `pad_token_id`, GPT-2's eos) to the longest row, rounded up to a multiple; truncate
-    rows to `max_length` first. Returns input_ids, attention_mask [B, T] int64, labels, index [B]."""
-    rows = [ids[:max_length] if max_length else ids for ids in input_ids]
-    longest = max((len(r) for r in rows), default=0)
-    width = max(pad_to_multiple_of, math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of)
-    if max_length:
-        width = min(width, max(max_length, longest))
-    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        if len(r) == 0:
-            raise DataError(f"row {index[i]} has no tokens; prepare the dataset again")
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
+    """Token-id rows -> a training batch: right-padded (with `pad_token_id`, GPT-2's eos) by
+    `inference.pad_batch`, rows truncated to `max_length`. Returns input_ids, attention_mask [B, T] int64,
+    labels, index [B]."""
+    rows = input_ids if isinstance(input_ids, (pa.Array, pa.ChunkedArray)) else pa.array(
+        [list(r) for r in input_ids], type=pa.list_(pa.int64()))
+    ids, mask = pad_batch(rows, pad_token_id, max_length, pad_to_multiple_of, max_width=max_length)
     return {
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
@@ -115,26 +78,15 @@ def collate(
     }
 
 
-def _read(dataset, rows: np.ndarray) -> tuple[list, list]:
-    """Rows by position in one Arrow read (memory-mapped)."""
-    table = dataset.select_columns(["input_ids", "label"])[rows.tolist()] if len(rows) else {"input_ids": [], "label": []}
-    return table["input_ids"], table["label"]
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    if pad is None:
-        raise DataError("the tokenizer has neither a pad nor an eos token; GPT-2 tokenizers pad with eos")
-    return int(pad)
-
-
-def _batch(dataset, rows: np.ndarray, index: np.ndarray, tokenizer, data_cfg) -> dict[str, torch.Tensor]:
-    input_ids, labels = _read(dataset, rows)
-    return collate(input_ids, labels, index, _pad_id(tokenizer), data_cfg.max_length, data_cfg.pad_to_multiple_of)
+def read_batch(dataset, rows: np.ndarray, tokenizer, data_cfg) -> dict[str, torch.Tensor]:
+    """The `collate` batch of the split's rows at positions `rows` (one memory-mapped Arrow read)."""
+    table = dataset.with_format("arrow")[np.asarray(rows, dtype=np.int64).tolist()]
+    return collate(table.column("input_ids"), table.column("label").to_numpy(), rows, pad_id_of(tokenizer),
+                   data_cfg.max_length, data_cfg.pad_to_multiple_of)
 
 
 # --------------------------------------------------------------------------------------------------
-# Iterators used by train / evaluate
+# The training iterator
 # --------------------------------------------------------------------------------------------------
 def train_batches(
     dataset,
@@ -156,11 +108,4 @@ def train_batches(
     batches = global_batches(len(dataset), seed, epoch, global_batch_size, lengths)
     for step in range(start_step, len(batches)):
         micro = rank_micro_batches(batches[step], rank, world_size, grad_accum)
-        yield [_batch(dataset, rows, rows, tokenizer, data_cfg) for rows in micro]
-
-
-def eval_batches(dataset, batch_size: int, rank: int, world_size: int, tokenizer, data_cfg) -> Iterator[dict]:
-    """This rank's evaluation batches (same count and sizes on every rank); padding rows have index -1."""
-    rows, index = eval_indices(len(dataset), rank, world_size)
-    for start in range(0, len(rows), batch_size):
-        yield _batch(dataset, rows[start:start + batch_size], index[start:start + batch_size], tokenizer, data_cfg)
+        yield [read_batch(dataset, rows, tokenizer, data_cfg) for rows in micro]

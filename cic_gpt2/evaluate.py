@@ -5,24 +5,9 @@
     cic-gpt2 evaluate --model runs/demo/export --data new_flows/*.csv --output runs/eval_new
     torchrun --nproc_per_node 4 -m cic_gpt2 evaluate --model runs/demo/export --data data/v2_8
 
-`--data` is a directory written by `cic-gpt2 prepare` (scored on `--split`, default test), or raw CSV
-files/directories/globs, which go through exactly the training-time path (`prepare.encode_csvs` with the
-export's data manifest: same columns, cell checks, template, tokenizer and label map; rows dropped by those
-checks are counted in the report).
-
-Distributed (torchrun / srun / mpirun, see `dist.py`): rows are sorted by token length and cut into
-micro-batches once, identically on every rank; each rank scores a contiguous slice of those batches; the
-per-row class scores are gathered (each rank's slice is padded to the longest with rows flagged -1, which
-are dropped). A row sits in the same batch whatever the world size, so 1 and N processes give the same
-numbers. Without a launcher it is one process and no process group. Raw CSVs are encoded by every rank
-(deterministic, identical); for large files, `cic-gpt2 prepare` them once and evaluate the prepared split.
-
-Writes to `--output` (rank 0): metrics.json (accuracy, macro/weighted P/R/F1, per-class report, confusion
-matrix as counts and row-normalized, OvR ROC-AUC of the softmax of the class scores, loss, the evaluated
-rows' id digest), metrics.md, predictions.csv (row_id, label, predicted_label, probability),
-confusion_matrix.png (counts), confusion_matrix_normalized.png, per_class_f1.png; with `--compare` also
-compare.md / compare.json: the model beside `baseline.run_baselines` on the same prepared test rows
-(checked by row-id digest).
+Rows are scored by `inference.score_distributed` (the path train's validation uses), raw CSVs encoded by
+`encode.encode_csvs` with the export's data manifest. Report files and the distributed scheme:
+docs/predict.md and docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -40,12 +25,10 @@ import pyarrow as pa
 from cic_gpt2 import dist
 from cic_gpt2.errors import CicError, DataError
 from cic_gpt2.files import atomic_path, write_text
+from cic_gpt2.prepared import SPLITS, Prepared
 
 HELP = "metrics of an exported model on a prepared split or raw CSVs (JSON, Markdown, plots; --compare baselines)"
 DEFAULT_MICRO_BATCH_SIZE = 64
-SPLITS = ("train", "val", "test")
-# Keys a prepared dataset must share with the model's training data to be scored by it.
-_SAME_DATA_KEYS = ("format", "template", "classes", "label_names")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,47 +60,19 @@ class EvalRows:
     dropped: dict  # raw CSVs: prepare's drop reason -> rows
 
 
-def prepared_dir_of(data: list[str]) -> Path | None:
-    """The prepared directory when --data is one, else None (raw CSVs)."""
-    if len(data) == 1 and (Path(data[0]) / "manifest.json").is_file():
-        return Path(data[0])
-    return None
-
-
-def check_same_data(prepared: dict, model: dict, prepared_dir: Path) -> None:
-    """A prepared dataset must be serialized, tokenized and labelled as the model's training data."""
-    for key in _SAME_DATA_KEYS:
-        if prepared.get(key) != model.get(key):
-            raise DataError(f"{prepared_dir}/manifest.json: {key} {prepared.get(key)!r} differs from the model's "
-                            f"training data ({model.get(key)!r}); prepare the data with the model's settings, or "
-                            f"pass the raw CSVs as --data")
-    fp_data, fp_model = prepared["tokenizer"]["fingerprint"], model["tokenizer"]["fingerprint"]
-    if fp_data != fp_model:
-        raise DataError(f"{prepared_dir}: tokenizer fingerprint {fp_data} differs from the model's {fp_model}; "
-                        f"prepare the data with the model's tokenizer (--tokenizer EXPORT_DIR)")
-
-
-def load_prepared_rows(prepared_dir: Path, split: str, model_manifest: dict) -> EvalRows:
-    import datasets
-
-    from cic_gpt2.baseline import read_manifest
-
-    check_same_data(read_manifest(prepared_dir), model_manifest, prepared_dir)
-    split_dir = prepared_dir / split
-    if not split_dir.is_dir():
-        raise DataError(f"{split_dir} not found: the prepared directory has no {split!r} split")
-    table = datasets.load_from_disk(str(split_dir)).with_format("arrow")[:]  # memory-mapped
+def load_prepared_rows(prepared: Prepared, split: str, model_manifest: dict) -> EvalRows:
+    prepared.check_compatible(model_manifest)
+    table = prepared.table(split)  # memory-mapped
     return EvalRows(input_ids=table.column("input_ids"), labels=table.column("label").to_numpy().astype(np.int64),
                     row_ids=table.column("row_id").to_numpy().astype(np.int64),
-                    source=f"{prepared_dir} (split {split})", dropped={})
+                    source=f"{prepared.path} (split {split})", dropped={})
 
 
 def load_csv_rows(paths: list[str], model_manifest: dict, tokenizer, unknown_labels: str) -> EvalRows:
-    from cic_gpt2.predict import check_input
-    from cic_gpt2.encode import encode_csvs, expand_inputs
+    from cic_gpt2.encode import check_format, encode_csvs, expand_inputs
 
     for path in expand_inputs(paths):
-        if not check_input(path, model_manifest, require_label=False):
+        if not check_format(path, model_manifest, require_label=False):
             raise DataError(f"{path}: no label column ({model_manifest.get('label_column')!r} or 'label'); evaluate "
                             f"needs true labels: use `cic-gpt2 predict` for unlabeled flows")
     input_ids, labels, row_ids, dropped = [], [], [], Counter()
@@ -132,84 +87,11 @@ def load_csv_rows(paths: list[str], model_manifest: dict, tokenizer, unknown_lab
                     row_ids=np.concatenate(row_ids), source=", ".join(paths), dropped=dict(sorted(dropped.items())))
 
 
-# ================================================================================================ scoring
-def rank_batches(batches: list, rank: int, world_size: int) -> list:
-    """This rank's contiguous slice of the global batch list."""
-    n = len(batches)
-    return batches[n * rank // world_size:n * (rank + 1) // world_size]
-
-
-def gather_scored(local: np.ndarray, info: dist.DistInfo, device) -> np.ndarray:
-    """All ranks' [index, scores...] rows; each rank's block is padded to the longest with index -1 rows
-    (dropped by the caller). Collective: every rank calls it."""
-    if not info.is_distributed:
-        return local
-    import torch
-    import torch.distributed as tdist
-
-    count = torch.tensor([len(local)], dtype=torch.int64, device=device)
-    tdist.all_reduce(count, op=tdist.ReduceOp.MAX)
-    padded = np.full((int(count.item()), local.shape[1]), -1.0, dtype=np.float64)
-    padded[:len(local)] = local
-    mine = torch.from_numpy(padded).to(device)
-    blocks = [torch.empty_like(mine) for _ in range(info.world_size)]
-    tdist.all_gather(blocks, mine)
-    return torch.cat(blocks).cpu().numpy()
-
-
-def score_distributed(classifier, rows: EvalRows, num_labels: int, micro_batch_size: int, device, pad_id: int,
-                      max_tokens: int | None, context: int, info: dist.DistInfo, comm_device,
-                      progress: bool) -> np.ndarray:
-    """Class scores [n, num_labels] (float64) of every row, in row order, from all ranks."""
-    from tqdm.auto import tqdm
-
-    from cic_gpt2.predict import length_sorted_batches, row_lengths, score_batches
-
-    lengths = row_lengths(rows.input_ids)
-    if max_tokens:
-        lengths = np.minimum(lengths, max_tokens)
-    too_long = np.flatnonzero(lengths > context)
-    if too_long.size:
-        raise DataError(f"row id {int(rows.row_ids[too_long[0]])} has {int(lengths[too_long[0]])} tokens, more than "
-                        f"the model's context of {context} ({too_long.size} rows in all); train with data.max_length")
-    mine = rank_batches(length_sorted_batches(lengths, micro_batch_size), info.rank, info.world_size)
-    index = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
-    with tqdm(total=len(index), unit=" flows", unit_scale=True, desc="evaluate", dynamic_ncols=True,
-              file=sys.stderr, disable=not (progress and info.is_main)) as bar:
-        scores = score_batches(classifier, rows.input_ids, mine, device, pad_id, max_tokens, context, bar)
-    local = np.zeros((len(index), 1 + num_labels), dtype=np.float64)
-    local[:, 0] = index
-    if len(index):
-        local[:, 1:] = scores
-    gathered = gather_scored(local, info, comm_device)
-    gathered = gathered[gathered[:, 0] >= 0]
-    gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
-    if not np.array_equal(gathered[:, 0].astype(np.int64), np.arange(len(rows.labels))):
-        raise CicError(f"evaluation gathered {len(gathered)} rows for {len(rows.labels)}: batch partition bug")
-    return gathered[:, 1:]
-
-
-def metrics_from_scores(scores: np.ndarray, rows: EvalRows, label_names: list[str], split: str) -> dict:
-    from cic_gpt2.baseline import row_ids_digest
-    from cic_gpt2.metrics import classification_metrics
-    from cic_gpt2.plots import normalize_rows
-    from cic_gpt2.predict import softmax
-
-    probs = softmax(scores)
-    y_pred = probs.argmax(axis=1)
-    metrics = classification_metrics(rows.labels, y_pred, label_names, probs=probs)
-    metrics["confusion_matrix_normalized"] = normalize_rows(metrics["confusion_matrix"]).round(6).tolist()
-    metrics["loss"] = float(-np.mean(np.log(np.maximum(probs[np.arange(len(y_pred)), rows.labels], 1e-300))))
-    metrics["split"] = split
-    metrics["row_ids_sha256"] = row_ids_digest(rows.row_ids)
-    return metrics
-
-
 # ================================================================================================ report
 def write_predictions(path: Path, rows: EvalRows, scores: np.ndarray, label_names: list[str]) -> None:
     import pandas as pd
 
-    from cic_gpt2.predict import softmax
+    from cic_gpt2.inference import softmax
 
     probs = softmax(scores)
     y_pred = probs.argmax(axis=1)
@@ -218,15 +100,6 @@ def write_predictions(path: Path, rows: EvalRows, scores: np.ndarray, label_name
                           "probability": probs[np.arange(len(y_pred)), y_pred]})
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-
-
-def model_display_name(model_dir: str | Path) -> str:
-    import yaml
-
-    path = Path(model_dir) / "run_config.yaml"
-    model = ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}) if path.is_file() else {}
-    name = Path(str(model.get("name") or Path(model_dir).resolve().name)).name
-    return f"GPT-2 {name} ({model['head']})" if model.get("head") else f"GPT-2 {name}"
 
 
 def write_report(out: Path, metrics: dict, rows: EvalRows, scores: np.ndarray, label_names: list[str],
@@ -268,21 +141,23 @@ def compare_with_baselines(out: Path, model_name: str, metrics: dict, prepared_d
 
 # ================================================================================================ main
 def main(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from cic_gpt2.exported import Export
+    from cic_gpt2.inference import metrics_from_scores, pad_id_of, resolve_device, score_distributed
     from cic_gpt2.metrics import metrics_markdown
-    from cic_gpt2.baseline import read_manifest
-    from cic_gpt2.predict import export_max_length, load_model, pad_id_of, read_export_manifest, resolve_device
 
     if args.micro_batch_size < 1:
         raise CicError(f"--micro-batch-size {args.micro_batch_size} must be >= 1")
-    prepared_dir = prepared_dir_of(args.data)
-    if args.compare and prepared_dir is None:
+    prepared = Prepared.load(args.data[0]) if len(args.data) == 1 and Prepared.is_prepared(args.data[0]) else None
+    if args.compare and prepared is None:
         raise CicError("--compare fits the baselines on a prepared train split: pass a `cic-gpt2 prepare` "
                        "directory as --data (raw CSVs have no split)")
     if args.compare and args.split != "test":
         raise CicError(f"--compare scores the baselines on the test split; drop --split {args.split}")
-    model_manifest = read_export_manifest(args.model)
-    if prepared_dir is not None:
-        check_same_data(read_manifest(prepared_dir), model_manifest, prepared_dir)
+    export = Export.open(args.model)
+    if prepared is not None:
+        prepared.check_compatible(export.manifest)
     t0 = time.perf_counter()
     info = dist.discover()
     if info.is_distributed:
@@ -293,23 +168,26 @@ def main(args: argparse.Namespace) -> int:
         if args.device == "cuda":
             resolve_device("cuda")  # one clear error when no GPU is visible
         device = resolve_device("cpu") if args.device == "cpu" else comm_device
-        classifier, tokenizer, manifest, context = load_model(args.model, device)
-        label_names = list(manifest["label_names"])
-        if prepared_dir is not None:
-            rows = load_prepared_rows(prepared_dir, args.split, manifest)
+        classifier, tokenizer = export.load(device)
+        label_names = export.label_names
+        if prepared is not None:
+            rows = load_prepared_rows(prepared, args.split, export.manifest)
         else:
-            rows = load_csv_rows(args.data, manifest, tokenizer, args.unknown_labels)
-        split = args.split if prepared_dir is not None else "csv"
-        scores = score_distributed(classifier, rows, len(label_names), args.micro_batch_size, device, pad_id_of(tokenizer),
-                                   export_max_length(args.model), context, info, comm_device, not args.no_progress)
+            rows = load_csv_rows(args.data, export.manifest, tokenizer, args.unknown_labels)
+        split = args.split if prepared is not None else "csv"
+        with tqdm(total=len(rows.labels), unit=" flows", unit_scale=True, desc="evaluate", dynamic_ncols=True,
+                  file=sys.stderr, disable=args.no_progress or not info.is_main) as bar:
+            scores = score_distributed(classifier, rows.input_ids, len(label_names), args.micro_batch_size, device,
+                                       pad_id_of(tokenizer), export.max_length, classifier.max_row_tokens,
+                                       info.rank, info.world_size, comm_device, progress=bar, row_ids=rows.row_ids)
     finally:
         if info.is_distributed:
             dist.destroy()
     if not info.is_main:
         return 0
     # Rank 0 alone from here: reports and baselines, no collectives.
-    metrics = metrics_from_scores(scores, rows, label_names, split)
-    name = model_display_name(args.model)
+    metrics = metrics_from_scores(scores, rows.labels, rows.row_ids, label_names, split)
+    name = export.display_name
     title = f"{name} on {rows.source}"
     out = Path(args.output)
     run_info = {"model": str(Path(args.model).resolve()), "data": rows.source, "split": split,
@@ -321,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"rows dropped by the training-time checks: {rows.dropped}", file=sys.stderr)
     if args.compare:
         print()
-        print(compare_with_baselines(out, name, metrics, prepared_dir), end="")
+        print(compare_with_baselines(out, name, metrics, prepared.path), end="")
     print(f"wrote {out}/metrics.json, metrics.md, predictions.csv, confusion_matrix.png, "
           f"confusion_matrix_normalized.png, per_class_f1.png" + (", compare.md" if args.compare else ""))
     return 0

@@ -19,12 +19,27 @@ Averaging conventions (stated once, because they change the figures):
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import hashlib
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from cic_gpt2.errors import DataError
+
+
+
+def row_ids_digest(row_ids: Iterable[int]) -> str:
+    """sha256 of the row ids (int64, in order): equal digests mean exactly the same rows in the same order."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(row_ids, dtype="<i8")).tobytes()).hexdigest()
+
+
+def normalize_rows(cm) -> np.ndarray:
+    """Each row divided by its sum (recall on the diagonal); rows of a class with no true rows stay 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
+
 
 OVERALL_KEYS = (
     "accuracy",

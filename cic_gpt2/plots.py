@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from cic_gpt2.errors import DataError  # noqa: E402
 from cic_gpt2.files import atomic_path  # noqa: E402
+from cic_gpt2.metrics import normalize_rows  # noqa: E402
 
 ANNOTATE_MAX_CLASSES = 12
 """Write the value in each confusion-matrix cell only up to this many classes (beyond, it is clutter)."""
@@ -34,13 +35,6 @@ def _save_atomic(fig, path: str | Path, dpi: int = 120) -> Path:
 
 def _tick_fontsize(num_classes: int) -> float:
     return max(6.0, min(10.0, 220.0 / max(num_classes, 1)))
-
-
-def normalize_rows(cm: np.ndarray) -> np.ndarray:
-    """Each row divided by its sum (recall on the diagonal); rows of a class with no true rows stay 0."""
-    cm = np.asarray(cm, dtype=np.float64)
-    sums = cm.sum(axis=1, keepdims=True)
-    return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
 
 
 def plot_confusion_matrix(

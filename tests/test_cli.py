@@ -30,3 +30,19 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
     assert len(lines) == 1 and "missing.csv" in lines[0], proc.stderr
+
+
+def test_train_help_lists_every_config_key_with_type_and_default(capsys):
+    from cic_gpt2.config import config_keys
+
+    try:
+        main(["train", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert "config keys (set with KEY=VALUE" in out
+    for line in ("  train.lr (float, default 0.0005)", "  checkpoint.every_steps (int, default 0)",
+                 "  data.max_length (Optional[int], default null)", "  dist.timeout_s (float, default 600.0)"):
+        assert line in out, line
+    for key in config_keys():
+        assert f"  {key.key} (" in out, key.key

@@ -1,16 +1,14 @@
-"""data.py: the global-batch contract, resume, length grouping, collate, eval slices, dataset checks."""
+"""data.py: the global-batch contract, resume, length grouping, collate; prepared.py: dataset checks."""
 import copy
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from cic_gpt2.config import DataConfig
 from cic_gpt2.prepared import Prepared, check_tokenizer
 from cic_gpt2.data import (
-    collate, eval_batches, eval_indices, global_batches, rank_micro_batches,
-    train_batches,
+    collate, global_batches, rank_micro_batches, train_batches,
 )
 from cic_gpt2.errors import DataError
 from cic_gpt2.tokenizer import load_tokenizer
@@ -73,17 +71,6 @@ def test_collate_right_pads_with_eos_to_a_multiple_and_truncates():
     assert t["input_ids"].shape == (2, 12) and t["attention_mask"].sum(1).tolist() == [12, 5]
 
 
-@pytest.mark.parametrize("n", [0, 1, 5, 7, 10, 11])
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_eval_slices_cover_each_row_once_with_flagged_padding(n, world):
-    parts = [eval_indices(n, r, world) for r in range(world)]
-    assert len({len(rows) for rows, _ in parts}) == 1  # equal counts: all_gather needs equal shapes
-    index = np.concatenate([idx for _, idx in parts])
-    assert index[index >= 0].tolist() == list(range(n))  # contiguous slices, rank order = row order
-    for rows, idx in parts:
-        assert ((idx == -1) | (idx == rows)).all() and (rows < max(n, 1)).all()
-
-
 def test_train_batches_on_prepared_data_resume_and_split_invariance(prepared_v2):
     prepared = Prepared.load(prepared_v2)
     train = prepared.split("train")
@@ -111,21 +98,6 @@ def test_train_batches_on_prepared_data_resume_and_split_invariance(prepared_v2)
     full = rows(4, 1, 1, steps=5)
     assert rows(1, 4, 1) == full[:3] == rows(2, 1, 2)
     assert rows(4, 1, 1, start_step=2) == full[2:5]
-
-
-def test_eval_batches_match_between_one_and_two_ranks(prepared_v2):
-    prepared = Prepared.load(prepared_v2)
-    val = prepared.split("val")
-    tok = load_tokenizer(None)
-    one = [b for b in eval_batches(val, 16, 0, 1, tok, DataConfig())]
-    two = [[b for b in eval_batches(val, 16, r, 2, tok, DataConfig())] for r in range(2)]
-    assert len(two[0]) == len(two[1])
-    idx1 = torch.cat([b["index"] for b in one])
-    idx2 = torch.cat([b["index"] for r in range(2) for b in two[r]])
-    assert idx1.tolist() == list(range(len(val)))
-    assert idx2[idx2 >= 0].tolist() == list(range(len(val)))
-    labels2 = torch.cat([b["labels"] for r in range(2) for b in two[r]])
-    assert labels2[idx2 >= 0].tolist() == list(val["label"])
 
 
 def test_bad_dataset_dirs_are_data_errors(tmp_path, prepared_v2):

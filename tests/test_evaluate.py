@@ -36,7 +36,7 @@ def build_tiny_export(root: Path, prepared_dir: Path) -> Path:
     import torch
 
     from cic_gpt2.config import ModelConfig, RunConfig, to_dict
-    from cic_gpt2.export import export_hf
+    from cic_gpt2.exported import export_hf
     from cic_gpt2.model import build_model
     from cic_gpt2.tokenizer import load_tokenizer
 

@@ -5,15 +5,16 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel, pipeline
 
 from cic_gpt2.config import DataConfig, ModelConfig, RunConfig, to_dict
-from cic_gpt2.data import eval_batches
+from cic_gpt2.data import read_batch
 from cic_gpt2.prepared import Prepared
 from cic_gpt2.errors import CicError
-from cic_gpt2.export import export_hf, load_export
+from cic_gpt2.exported import Export, export_hf
 from cic_gpt2.model import build_model
 from cic_gpt2.tokenizer import load_tokenizer
 from conftest import run_cli, run_proc
@@ -31,7 +32,7 @@ def prepared(prepared_v2):
 
 @pytest.fixture(scope="module")
 def batch(prepared, tok):
-    return next(eval_batches(prepared.split("test"), 8, 0, 1, tok, DataConfig()))
+    return read_batch(prepared.split("test"), np.arange(8), tok, DataConfig())
 
 
 def build(prepared, tok, head, seed=0):
@@ -51,7 +52,8 @@ def test_seqcls_export_loads_with_auto_class_and_pipeline(prepared, tok, batch, 
         hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
         got = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(got, want)
-        again, tok2, manifest = load_export(out)
+        again, tok2 = Export.open(out).load()
+        manifest = Export.open(out).manifest
         torch.testing.assert_close(again(batch["input_ids"], batch["attention_mask"]).logits, want)
     assert manifest["label_names"] == prepared.label_names and hf.config.id2label[0] == prepared.label_names[0]
 
@@ -71,7 +73,7 @@ def test_causal_lm_export_keeps_tied_weights_and_scores(prepared, tok, batch, tm
     lm = GPT2LMHeadModel.from_pretrained(out)
     assert lm.lm_head.weight.data_ptr() == lm.transformer.wte.weight.data_ptr()
     torch.testing.assert_close(lm.transformer.wte.weight, live.hf_model.transformer.wte.weight)
-    again, _, _ = load_export(out)
+    again, _ = Export.open(out).load()
     meta = json.loads((out / "cic_gpt2.json").read_text())
     assert meta["head"] == "causal-lm" and meta["prompt"]["prompt_suffix"] == live.prompt["prompt_suffix"]
     with torch.no_grad():
@@ -97,7 +99,8 @@ ZERO_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from cic_gpt2 import checkpoint, dist
     from cic_gpt2.config import ModelConfig, DataConfig, RunConfig, to_dict
-    from cic_gpt2.data import train_batches, eval_batches
+    import numpy as np
+    from cic_gpt2.data import train_batches, read_batch
     from cic_gpt2.prepared import Prepared
     from cic_gpt2.model import build_model
     from cic_gpt2.tokenizer import load_tokenizer
@@ -125,7 +128,7 @@ ZERO_SCRIPT = textwrap.dedent("""
         checkpoint.save(engine, run_dir / "checkpoints", 2, {"step": 2}, rank=0, world_size=1, is_main=True,
                         side_files=side, keep_last=2)
         engine.eval()
-        b = next(eval_batches(prepared.split("test"), 8, 0, 1, tok, DataConfig()))
+        b = read_batch(prepared.split("test"), np.arange(8), tok, DataConfig())
         with torch.no_grad():
             logits = engine(b["input_ids"], b["attention_mask"]).logits
         torch.save({"batch": b, "logits": logits}, run_dir / "live.pt")
@@ -160,7 +163,7 @@ def test_export_of_a_zero2_checkpoint_predicts_like_the_live_engine(zero2_runs, 
             hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
             got = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         else:
-            got = load_export(out)[0](b["input_ids"], b["attention_mask"]).logits
+            got = Export.open(out).load()[0](b["input_ids"], b["attention_mask"]).logits
     torch.testing.assert_close(got, live["logits"], rtol=1e-5, atol=1e-5)
     assert (got.argmax(1) == live["logits"].argmax(1)).all()
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
@@ -173,8 +176,8 @@ def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path, capsys):
     assert "incomplete" in capsys.readouterr().err
     assert run_cli("export", tmp_path) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
-    with pytest.raises(CicError, match="not a cic-gpt2 export"):
-        load_export(tmp_path)
+    with pytest.raises(CicError, match="not an exported model"):
+        Export.open(tmp_path)
 
 
 def _free_port() -> int:

@@ -401,20 +401,17 @@ def test_train_refuses_before_the_process_group(prepared_v2, tmp_path, capsys, m
 # has no fp16. The guard itself is tested here.
 # --------------------------------------------------------------------------------------------------
 def test_skip_guard_stops_with_advice_after_max_consecutive_skips():
-    """The guard in Trainer.maybe_stop_on_skipped_steps, on its own: below train.max_skipped_steps it lets the
-    run go on; at the limit it stops with a TrainingStopped (a CicError: one line, exit 2) saying what to change."""
-    from cic_gpt2.train import Trainer, TrainingStopped
+    """The trainer's SkipGuard on its own: below train.max_skipped_steps it lets the run go on (a step that is
+    not skipped resets the streak); at the limit it stops with a TrainingStopped (a CicError: one line, exit 2)
+    saying what to change."""
+    from cic_gpt2.trainer import SkipGuard, TrainingStopped
 
-    cfg = load_config(RunConfig, None, ["train.max_skipped_steps=3"])
-    guard = Trainer.__new__(Trainer)  # the guard reads only these attributes
-    guard.cfg, guard.step, guard.precision = cfg, 17, "fp16"
-    guard.engine = SimpleNamespace(optimizer=SimpleNamespace(loss_scale=1.0))
-    for streak in (0, 1, 2):
-        guard.consecutive_skips = streak
-        guard.maybe_stop_on_skipped_steps()
-    guard.consecutive_skips = 3
+    guard = SkipGuard(limit=3)
+    for skipped in (1, 1, 0, 1, 1):
+        guard.update(skipped, step=10, loss_scale=1.0)
+    assert (guard.total, guard.in_a_row) == (4, 2)
     with pytest.raises(TrainingStopped) as e:
-        guard.maybe_stop_on_skipped_steps()
+        guard.update(1, step=17, loss_scale=1.0)
     msg = str(e.value)
     assert isinstance(e.value, CicError)
     assert "3 optimizer steps in a row were skipped for fp16 overflow (step 17, loss scale 1)" in msg

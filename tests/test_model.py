@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cic_gpt2.config import DataConfig, ModelConfig
-from cic_gpt2.data import eval_batches
+from cic_gpt2.data import read_batch
 from cic_gpt2.prepared import Prepared
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.perf import flops_per_token
@@ -25,7 +25,7 @@ def tok():
 @pytest.fixture(scope="module")
 def val_batch(prepared_v2, tok):
     prepared = Prepared.load(prepared_v2)
-    return next(eval_batches(prepared.split("val"), 6, 0, 1, tok, DataConfig()))
+    return read_batch(prepared.split("val"), list(range(6)), tok, DataConfig())
 
 
 def build(tok, seed=0, **kw):

@@ -5,7 +5,8 @@ import pytest
 
 from cic_gpt2.errors import DataError
 from cic_gpt2.metrics import classification_metrics
-from cic_gpt2.plots import normalize_rows, plot_confusion_matrix, plot_loss_curve, plot_per_class_f1
+from cic_gpt2.metrics import normalize_rows
+from cic_gpt2.plots import plot_confusion_matrix, plot_loss_curve, plot_per_class_f1
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

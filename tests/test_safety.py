@@ -75,7 +75,7 @@ def test_trust_remote_code_is_never_enabled():
 
 def test_export_is_safetensors_only(prepared_v2, tmp_path):
     from cic_gpt2.config import ModelConfig
-    from cic_gpt2.export import export_hf, load_export
+    from cic_gpt2.exported import Export, export_hf
     from cic_gpt2.model import build_model, load_model_tokenizer
 
     manifest = json.loads((prepared_v2 / "manifest.json").read_text())
@@ -88,7 +88,7 @@ def test_export_is_safetensors_only(prepared_v2, tmp_path):
     assert "model.safetensors" in names
     assert not names & {"pytorch_model.bin", "training_args.bin"} and not any(n.endswith((".pt", ".pth", ".pkl"))
                                                                             for n in names), names
-    reloaded, _, _ = load_export(out)
+    reloaded, _ = Export.open(out).load()
     for (name, a), b in zip(classifier.hf_model.state_dict().items(), reloaded.hf_model.state_dict().values()):
         assert torch.equal(a, b), name
 

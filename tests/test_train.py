@@ -148,19 +148,16 @@ def test_zero2_optimizer_state_is_partitioned_across_ranks(two_rank_run):
 def test_export_predicts_what_the_live_engine_predicted(two_rank_run, prepared_v2):
     """The HF export written at the end, reloaded with from_pretrained, gives the validation predictions the
     engine gave during training (same confusion matrix)."""
-    from cic_gpt2.config import DataConfig
-    from cic_gpt2.data import eval_batches
-    from cic_gpt2.prepared import Prepared
-    from cic_gpt2.export import load_export
+    from cic_gpt2.exported import Export
+    from cic_gpt2.inference import pad_id_of, score_rows
     from cic_gpt2.metrics import classification_metrics
+    from cic_gpt2.prepared import Prepared
 
-    classifier, tokenizer, manifest = load_export(two_rank_run / "export")
-    val = Prepared.load(prepared_v2).split("val")
-    y_pred = []
-    with torch.no_grad():
-        for batch in eval_batches(val, 32, 0, 1, tokenizer, DataConfig()):
-            y_pred += classifier(batch["input_ids"], batch["attention_mask"]).logits.argmax(dim=1).tolist()
-    exported = classification_metrics(val["label"], y_pred, manifest["label_names"])
+    export = Export.open(two_rank_run / "export")
+    classifier, tokenizer = export.load()
+    val = Prepared.load(prepared_v2).table("val")
+    scores = score_rows(classifier, val.column("input_ids"), 32, "cpu", pad_id_of(tokenizer))
+    exported = classification_metrics(val.column("label").to_numpy(), scores.argmax(axis=1), export.label_names)
     live = json.loads((two_rank_run / "metrics.json").read_text())["val"]
     assert exported["confusion_matrix"] == live["confusion_matrix"]
 

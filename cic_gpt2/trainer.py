@@ -1,0 +1,288 @@
+"""The training loop and its components: the engine builder, a metrics window, a skip guard, the Trainer.
+
+`build_trainer` puts a run together (model, DeepSpeed engine, checkpointer, logger); `Trainer.fit` is the
+loop. What a run writes and how resume works: docs/training.md."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Optional
+
+import yaml
+
+from cic_gpt2 import dist, perf
+from cic_gpt2.checkpoint import Checkpointer
+from cic_gpt2.config import RunConfig, to_dict
+from cic_gpt2.errors import CicError, ConfigError
+from cic_gpt2.files import write_text
+
+
+class TrainingStopped(CicError):
+    """Training cannot usefully continue (e.g. fp16 loss scale stuck at its minimum)."""
+
+
+def build_engine(cfg: RunConfig, classifier, ds_dict: dict, total_steps: int):
+    """The DeepSpeed engine (collective: every rank). AdamW from the DeepSpeed dict, without weight decay on
+    biases and LayerNorm gains; the run config's warmup + decay schedule as a LambdaLR that DeepSpeed steps
+    (never on fp16-skipped steps) and saves with each checkpoint."""
+    import deepspeed
+    import torch
+
+    from cic_gpt2.ds_config import lr_ratio
+
+    tr = cfg.train
+    decay, no_decay = [], []
+    for p in classifier.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    schedule = lambda step: lr_ratio(step, total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
+        model=classifier,
+        model_parameters=groups,
+        config=dict(ds_dict),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    return engine
+
+
+class SkipGuard:
+    """Counts fp16 overflow-skipped optimizer steps and stops the run after `limit` in a row (pure)."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.in_a_row = limit, total, 0
+
+    def update(self, skipped: int, step: int, loss_scale: float) -> None:
+        self.total += skipped
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise TrainingStopped(
+                f"{self.in_a_row} optimizer steps in a row were skipped for fp16 overflow (step {step}, loss scale "
+                f"{loss_scale:g}): the gradients overflow even at the minimum loss scale. Lower train.lr, keep "
+                f"train.grad_clip > 0, use train.precision=bf16 on A100/H100 or fp32, or raise "
+                f"train.max_skipped_steps to keep trying")
+
+
+class MetricsWindow:
+    """This rank's counters since the last log step. The loss is summed on the device (no host sync per
+    step); `summarize` all-reduces everything once, on log steps only, into train/ and perf/ metrics."""
+
+    def __init__(self, device, world_size: int, flops_per_token: float, peak_flops: Optional[float]):
+        self.device, self.world_size = device, world_size
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.micro_steps, self.tokens, self.samples = None, 0, 0, 0
+        self.start_time = time.perf_counter()
+
+    def add(self, loss, attention_mask) -> None:
+        loss = loss.detach().float()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.micro_steps += 1
+        self.tokens += int(attention_mask.sum())  # a host tensor: counting costs no device sync
+        self.samples += attention_mask.shape[0]
+
+    def summarize(self) -> dict:
+        import torch
+
+        f64 = torch.float64
+        loss_sum = self.loss_sum.to(f64).cpu() if self.loss_sum is not None else torch.zeros((), dtype=f64)
+        totals = torch.stack([loss_sum, *(torch.tensor(float(v), dtype=f64)
+                                          for v in (self.micro_steps, self.tokens, self.samples))]).to(self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # host sync: log steps only
+        loss_sum, micro_steps, tokens, samples = totals.tolist()
+        elapsed = max(time.perf_counter() - self.start_time, 1e-9)
+        metrics = {"train/loss": loss_sum / max(micro_steps, 1), "perf/tokens_per_s": tokens / elapsed,
+                   "perf/samples_per_s": samples / elapsed}
+        if self.peak_flops:
+            metrics["perf/mfu"] = self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world_size)
+        self.reset()
+        return metrics
+
+
+class Trainer:
+    """The loop: step; maybe log, validate, save; at a preemption signal save and exit 75."""
+
+    def __init__(self, cfg: RunConfig, info: dist.DistInfo, engine, classifier, tokenizer, prepared,
+                 checkpointer: Checkpointer, logger, watcher, total_steps: int, start_step: int = 0,
+                 skipped_steps: int = 0):
+        from tqdm.auto import tqdm
+
+        from cic_gpt2.ds_config import lr_ratio
+
+        self.cfg, self.info, self.engine, self.classifier = cfg, info, engine, classifier
+        self.tokenizer, self.prepared, self.label_names = tokenizer, prepared, prepared.label_names
+        self.checkpointer, self.logger, self.watcher = checkpointer, logger, watcher
+        self.device, self.is_main = dist.device(info), info.is_main
+        self.total_steps, self.step, self.start_step = total_steps, start_step, start_step
+        tr = cfg.train
+        self.global_batch_size = tr.micro_batch_size * tr.grad_accum * info.world_size
+        self.train_split = prepared.split("train")
+        self.steps_per_epoch = len(self.train_split) // self.global_batch_size
+        self.precision = perf.precision_name(engine)
+        self.lr_at = lambda step: tr.lr * lr_ratio(step, total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)
+        lengths = self.train_split["length"]
+        seq_len = int(min(sum(lengths) / max(len(lengths), 1), cfg.data.max_length or math.inf)) or 1
+        self.window = MetricsWindow(self.device, info.world_size,
+                                    perf.flops_per_token(classifier.hf_model.config, seq_len),
+                                    perf.peak_flops_per_s(perf.device_name(self.device), self.precision))
+        self.skips = SkipGuard(tr.max_skipped_steps, skipped_steps)
+        self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                             disable=not (self.is_main and cfg.log.progress))
+        self._epoch_batches = None
+
+    def fit(self) -> int:
+        """Train to total_steps (0) or until a preemption signal, saved (EXIT_REQUEUE)."""
+        from cic_gpt2.preempt import EXIT_REQUEUE
+
+        while self.step < self.total_steps:
+            self.train_step()
+            if self.step % self.cfg.log.log_every == 0 or self.step == self.total_steps:
+                self.log_train_metrics()
+            every = self.cfg.train.eval_every
+            if every and self.step % every == 0 and self.step != self.total_steps:
+                self.validate("val")
+            if self.checkpointer.due(self.step, self.total_steps):
+                self.save()
+            if self.watcher.agreed():  # collective: every rank, every step boundary
+                self.save()
+                self.say(f"preempted ({self.watcher.received or 'peer'}): saved step {self.step}, exit {EXIT_REQUEUE}")
+                return EXIT_REQUEUE
+        self.progress.close()
+        return 0
+
+    def train_step(self) -> None:
+        """One optimizer step: grad_accum micro-batches through the engine (it owns accumulation, loss
+        scaling and clipping)."""
+        skipped_before = self.engine.skipped_steps
+        for batch in self._micro_batches():
+            inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+            loss = self.engine(**inputs).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            self.window.add(loss, batch["attention_mask"])
+        self.step += 1
+        # DeepSpeed's fp16 overflow check already synced on the host; reading the counter costs nothing more.
+        self.skips.update(self.engine.skipped_steps - skipped_before, self.step, self.loss_scale())
+        self.progress.update(1)
+
+    def log_train_metrics(self) -> None:
+        metrics = self.window.summarize()
+        metrics.update({
+            "train/lr": self.lr_at(self.step - 1),
+            "train/loss_scale": self.loss_scale(),
+            "train/skipped_steps": self.skips.total,
+            "train/epoch": self.step / self.steps_per_epoch,
+            "perf/max_mem_gb": perf.peak_memory_gib(self.device)[0],
+        })
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        self.logger.log(metrics, self.step)
+        self.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}", refresh=False)
+
+    def validate(self, split: str) -> dict:
+        """Metrics of `split` on the current weights through the one scoring path (`inference`), identical
+        for any world size; logged as `{split}/...`. Collective."""
+        from cic_gpt2.inference import metrics_from_scores, pad_id_of, score_distributed
+
+        table = self.prepared.table(split)
+        batch_size = self.cfg.train.eval_micro_batch_size or 2 * self.cfg.train.micro_batch_size
+        self.engine.eval()
+        try:
+            scores = score_distributed(
+                self.engine, table.column("input_ids"), len(self.label_names), batch_size, self.device,
+                pad_id_of(self.tokenizer), self.cfg.data.max_length, self.classifier.max_row_tokens,
+                self.info.rank, self.info.world_size, self.device, multiple_of=self.cfg.data.pad_to_multiple_of)
+        finally:
+            self.engine.train()
+        metrics = metrics_from_scores(scores, table.column("label").to_numpy(), table.column("row_id").to_numpy(),
+                                      self.label_names, split)
+        self.logger.log({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, self.step)
+        return metrics
+
+    def save(self) -> None:
+        """Collective: every rank calls it at the same step (a step already saved is not saved twice)."""
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        self.checkpointer.save(self.engine, self.step, {
+            "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "global_batch_size": self.global_batch_size, "seed": self.cfg.train.seed,
+            "skipped_steps": self.skips.total,
+        })
+
+    def loss_scale(self) -> float:
+        if self.precision != "fp16":
+            return 1.0
+        return float(getattr(self.engine.optimizer, "loss_scale", getattr(self.engine.optimizer, "cur_scale", 1.0)))
+
+    def _micro_batches(self):
+        """This rank's grad_accum micro-batches for optimizer step `self.step` (global batch contract)."""
+        from cic_gpt2.data import train_batches
+
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch or step_in_epoch == 0:
+            tr = self.cfg.train
+            iterator = train_batches(
+                self.train_split, epoch=epoch, start_step=step_in_epoch, seed=tr.seed,
+                micro_batch_size=tr.micro_batch_size, grad_accum=tr.grad_accum, rank=self.info.rank,
+                world_size=self.info.world_size, tokenizer=self.tokenizer, data_cfg=self.cfg.data)
+            self._epoch_batches = (epoch, iterator)
+        return next(self._epoch_batches[1])
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            self.progress.write(text)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.logger.close()
+        self.watcher.uninstall()
+
+
+def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, tokenizer, resume_from, watcher):
+    """Everything a run needs, built on every rank (the engine and a resharding conversion are collective)."""
+    import torch
+
+    from cic_gpt2.loggers import build_logger
+    from cic_gpt2.model import build_model
+
+    tr = cfg.train
+    checkpointer = Checkpointer(cfg, info, resume_from, side_files={
+        "run_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        "data_manifest.json": json.dumps(prepared.manifest, indent=2) + "\n",
+    })
+    ds_dict = checkpointer.engine_config(ds_dict)
+    checkpointer.side_files["ds_config.json"] = json.dumps(ds_dict, indent=2) + "\n"
+    torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
+    classifier = build_model(cfg.model, prepared.label_names, tokenizer)
+    global_batch_size = tr.micro_batch_size * tr.grad_accum * info.world_size
+    train_rows = len(prepared.split("train"))
+    steps_per_epoch = train_rows // global_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training split has {train_rows} rows, fewer than one global batch ({global_batch_size} = "
+            f"micro_batch_size {tr.micro_batch_size} x grad_accum {tr.grad_accum} x {info.world_size} ranks): "
+            f"lower train.micro_batch_size or train.grad_accum")
+    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
+    engine = build_engine(cfg, classifier, ds_dict, total_steps)
+    state = checkpointer.load(engine, global_batch_size)
+    if state is None:
+        torch.manual_seed(tr.seed + 1_000_003 * info.rank)  # dropout masks differ between ranks
+    start_step = int(state["step"]) if state else 0
+    run_dir = checkpointer.ckpt_dir.parent
+    logger = build_logger(run_dir, info.is_main, cfg.log.tensorboard, resume_step=start_step if state else None)
+    if info.is_main:
+        write_text(run_dir / "config.yaml", checkpointer.side_files["run_config.yaml"])
+        write_text(run_dir / "ds_config.json", checkpointer.side_files["ds_config.json"])
+    trainer = Trainer(cfg, info, engine, classifier, tokenizer, prepared, checkpointer, logger, watcher, total_steps,
+                      start_step, int(state.get("skipped_steps", 0)) if state else 0)
+    trainer.say(
+        f"training {total_steps} steps ({steps_per_epoch}/epoch, global batch {global_batch_size} = "
+        f"{tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {trainer.precision}, "
+        f"ZeRO-{engine.zero_optimization_stage()})"
+        + (f", resumed from {resume_from} at step {start_step}" if state else "")
+        + (" (resharded via a universal checkpoint)" if checkpointer.universal else ""))
+    return trainer
