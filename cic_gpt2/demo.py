@@ -104,7 +104,7 @@ def run_demo(out_dir: Path, classes: str = "8", nproc: int = 2, overrides: list[
     result = {"prepared": prepared, "run_dir": run_dir, "export": run_dir / "export", "test": summary["test"],
               "val": summary["val"], "baselines": {}, "timings": timings}
     if baseline:
-        from cic_gpt2.baseline import run_baselines
+        from cic_gpt2.trees import run_baselines
 
         t0 = time.perf_counter()
         print("[3/4] test-split metrics; RandomForest on the same split for comparison", flush=True)
