@@ -67,12 +67,14 @@ def train_command(prepared: Path, run_dir: Path, nproc: int, overrides: list[str
             *(f"{k}={v}" for k, v in merged.items())]
 
 
+def prepare_command(prepared: Path, classes: str) -> list[str]:
+    return [sys.executable, "-m", "cic_gpt2", "prepare", str(SAMPLE_V2), "--output", str(prepared),
+            "--classes", classes, "--seed", "0", "--overwrite"]
+
+
 def run_demo(out_dir: Path, classes: str = "8", nproc: int = 2, overrides: list[str] | None = None,
              baseline: bool = True) -> dict:
     """Run each stage into out_dir; returns {paths..., "test": metrics, "baselines": {...}, timings}."""
-    from cic_gpt2 import prepare
-    from cic_gpt2.cli import build_parser
-
     if nproc < 1:
         raise CicError(f"--nproc {nproc}: need at least 1 process")
     out_dir = Path(out_dir)
@@ -81,8 +83,9 @@ def run_demo(out_dir: Path, classes: str = "8", nproc: int = 2, overrides: list[
 
     t0 = time.perf_counter()
     print(f"[1/4] prepare {SAMPLE_V2.name} -> {prepared}", flush=True)
-    prepare.main(build_parser("prepare").parse_args(
-        [str(SAMPLE_V2), "--output", str(prepared), "--classes", classes, "--seed", "0", "--overwrite"]))
+    rc = subprocess.run(prepare_command(prepared, classes)).returncode
+    if rc != 0:
+        raise CicError(f"prepare exited with status {rc} (its messages are above); the output dir is {prepared}")
     timings["prepare_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -104,7 +107,7 @@ def run_demo(out_dir: Path, classes: str = "8", nproc: int = 2, overrides: list[
     result = {"prepared": prepared, "run_dir": run_dir, "export": run_dir / "export", "test": summary["test"],
               "val": summary["val"], "baselines": {}, "timings": timings}
     if baseline:
-        from cic_gpt2.baseline import run_baselines
+        from cic_gpt2.trees import run_baselines
 
         t0 = time.perf_counter()
         print("[3/4] test-split metrics; RandomForest on the same split for comparison", flush=True)

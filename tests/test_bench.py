@@ -1,4 +1,5 @@
-"""`cic-gpt2 bench`: the memory arithmetic against hand arithmetic, and a real CPU engine benchmark."""
+"""`cic-gpt2 bench`: the memory arithmetic (`cic_gpt2.memory`) against hand arithmetic, and a real CPU engine
+benchmark."""
 import json
 import os
 import subprocess
@@ -7,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from cic_gpt2 import bench
+from cic_gpt2 import memory
+from cic_gpt2.perf import GIB
 from conftest import run_cli, run_proc
 
 GPT2_LARGE_PARAMS = 774_030_080  # transformer body of GPT-2-Large (Radford et al. report "774M")
@@ -17,48 +19,51 @@ GPT2_LARGE_PARAMS = 774_030_080  # transformer body of GPT-2-Large (Radford et a
 def test_param_count_matches_the_real_model(name):
     from transformers import GPT2ForSequenceClassification
 
-    cfg = bench._hf_config(name)
+    from cic_gpt2.config import ModelConfig
+    from cic_gpt2.model import build_hf_config
+
+    cfg = build_hf_config(ModelConfig(name=name), ["a", "b"])
     cfg.num_labels, cfg.pad_token_id = 8, cfg.eos_token_id
     with torch.device("meta"):
         model = GPT2ForSequenceClassification(cfg)
     real = sum(p.numel() for p in model.parameters())
-    assert bench.model_shape(name).param_count("seqcls", 8) == real
+    assert memory.model_shape(name).param_count("seqcls", 8) == real
 
 
 def test_gpt2_large_stage0_is_16_bytes_per_param():
-    shape = bench.model_shape("gpt2-large")
+    shape = memory.model_shape("gpt2-large")
     psi = shape.param_count("seqcls", 8)
     assert psi == GPT2_LARGE_PARAMS + 1280 * 8
-    case = bench.MemoryCase(shape, world_size=1, micro_batch_size=1, seq_len=64, precision="fp16")
-    est = bench.estimate(case, stage=0, offload=False, gpu_mem_gib=80)
+    case = memory.MemoryCase(shape, world_size=1, micro_batch_size=1, seq_len=64, precision="fp16")
+    est = memory.estimate(case, stage=0, offload=False, gpu_mem_gib=80)
     # 2Ψ fp16 params + 2Ψ fp16 grads + 12Ψ fp32 master/m/v = 16Ψ ≈ 12.4e9 bytes
     assert est.model_state_bytes == 16 * psi
     assert 12.3e9 < est.model_state_bytes < 12.5e9
     # the activations of 1 x 64 tokens are small next to the model states, and everything adds up
     assert est.activation_bytes == 64 * 1280 * (34 * 36 + 4) < 0.2e9
     parts = est.model_state_bytes + est.bucket_bytes + max(est.activation_bytes, est.step_transient_bytes)
-    assert est.total_bytes == pytest.approx(parts * (1 + bench.FRAGMENTATION) + bench.CONTEXT_GIB * bench.GIB)
+    assert est.total_bytes == pytest.approx(parts * (1 + memory.FRAGMENTATION) + memory.CONTEXT_GIB * GIB)
 
 
 def test_gpt2_large_on_a_16gb_v100_needs_offload():
-    case = bench.MemoryCase(bench.model_shape("gpt2-large"), world_size=1, micro_batch_size=4, seq_len=128)
-    plain = bench.estimate(case, 2, offload=False, gpu_mem_gib=16, reduce_bucket_size=2e8)
-    offload = bench.estimate(case, 2, offload=True, gpu_mem_gib=16, reduce_bucket_size=2e8)
-    assert not plain.fits and plain.total_bytes > 16 * bench.GIB
-    assert offload.fits and offload.total_bytes < 16 * bench.GIB
+    case = memory.MemoryCase(memory.model_shape("gpt2-large"), world_size=1, micro_batch_size=4, seq_len=128)
+    plain = memory.estimate(case, 2, offload=False, gpu_mem_gib=16, reduce_bucket_size=2e8)
+    offload = memory.estimate(case, 2, offload=True, gpu_mem_gib=16, reduce_bucket_size=2e8)
+    assert not plain.fits and plain.total_bytes > 16 * GIB
+    assert offload.fits and offload.total_bytes < 16 * GIB
     # offload moves master weights, Adam states and fp32 grads (18Ψ) to the host
     assert offload.host_bytes == 18 * case.params
     # ...and the shipped ds_configs agree: fp16 without offload does not fit, the offload one does
-    by_name = {name: est for name, _, est in bench.estimate_ds_configs(case, 16)}
+    by_name = {name: est for name, _, est in memory.estimate_ds_configs(case, 16)}
     assert not by_name["zero2_fp16"].fits and by_name["zero2_fp16_offload"].fits
 
 
 def test_more_gpus_lower_stage2_memory_not_stage0():
-    shape = bench.model_shape("gpt2-large")
+    shape = memory.model_shape("gpt2-large")
     per_world = {}
     for world in (1, 2, 8):
-        case = bench.MemoryCase(shape, world_size=world, micro_batch_size=4, seq_len=128)
-        per_world[world] = (bench.estimate(case, 0, False, 16), bench.estimate(case, 2, False, 16))
+        case = memory.MemoryCase(shape, world_size=world, micro_batch_size=4, seq_len=128)
+        per_world[world] = (memory.estimate(case, 0, False, 16), memory.estimate(case, 2, False, 16))
     assert per_world[1][1].total_bytes > per_world[2][1].total_bytes > per_world[8][1].total_bytes
     assert per_world[1][0].total_bytes == per_world[8][0].total_bytes
     # stage 2 at 8 GPUs: 2Ψ + 14Ψ/8 of model states
@@ -67,12 +72,12 @@ def test_more_gpus_lower_stage2_memory_not_stage0():
 
 
 def test_gradient_checkpointing_shrinks_activations():
-    shape = bench.model_shape("gpt2-large")
-    plain = bench.MemoryCase(shape, micro_batch_size=8, seq_len=512)
-    ckpt = bench.MemoryCase(shape, micro_batch_size=8, seq_len=512, gradient_checkpointing=True)
+    shape = memory.model_shape("gpt2-large")
+    plain = memory.MemoryCase(shape, micro_batch_size=8, seq_len=512)
+    ckpt = memory.MemoryCase(shape, micro_batch_size=8, seq_len=512, gradient_checkpointing=True)
     # 34 bytes per token per hidden unit per layer (16-bit, SDPA) for 36 layers, + embeddings / final LN
-    assert bench.activation_bytes(plain) == 512 * 8 * 1280 * (34 * 36 + 4)
-    assert bench.activation_bytes(ckpt) < bench.activation_bytes(plain) / 10
+    assert memory.activation_bytes(plain) == 512 * 8 * 1280 * (34 * 36 + 4)
+    assert memory.activation_bytes(ckpt) < memory.activation_bytes(plain) / 10
 
 
 def test_bench_memory_cli(tmp_path, capsys):

@@ -131,8 +131,8 @@ def test_report_files_agree_with_the_predictions(evaluated, prepared_v2):
 
 
 def test_compare_scores_baselines_on_exactly_the_models_test_rows(evaluated, prepared_v2):
-    from cic_gpt2.baseline import fit_baselines, row_ids_digest
     from cic_gpt2.prepared import Prepared
+    from cic_gpt2.trees import fit_baselines, row_ids_digest
 
     compare = json.loads((evaluated / "compare.json").read_text())["results"]
     model_name, *baselines = list(compare)
