@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from cic_gpt2.files import atomic_path, write_text
-from cic_gpt2.metrics import compare_markdown, metrics_markdown
-from cic_gpt2.trees import DEFAULT_JOBS, DEFAULT_MODELS, MODEL_NAMES, BaselineResult, fit_baselines, row_ids_digest
+from cic_gpt2.metrics import compare_markdown, metrics_markdown, row_ids_digest
+from cic_gpt2.trees import DEFAULT_JOBS, DEFAULT_MODELS, MODEL_NAMES, BaselineResult, fit_baselines
 
 HELP = "RandomForest / HistGradientBoosting on the prepared train split, scored on the same test rows as the model"
 

@@ -122,7 +122,7 @@ def write_report(out: Path, metrics: dict, rows: EvalRows, scores: np.ndarray, l
 
 def compare_with_baselines(out: Path, model_name: str, metrics: dict, prepared_dir: Path) -> str:
     """Baselines on the same prepared test rows (row-id digests must agree); writes compare.md/.json."""
-    from cic_gpt2.baseline import run_baselines
+    from cic_gpt2.trees import run_baselines
     from cic_gpt2.metrics import compare_markdown
 
     baselines = run_baselines(prepared_dir)

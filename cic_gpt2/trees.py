@@ -3,16 +3,15 @@ features and scored, by the shared `cic_gpt2.metrics`, on exactly the test rows 
 Used by `cic-gpt2 baseline`, `evaluate --compare` and `demo`. Rows, features, models: docs/evaluation.md."""
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from cic_gpt2.errors import CicError, DataError
-from cic_gpt2.metrics import classification_metrics
+from cic_gpt2.metrics import classification_metrics, row_ids_digest
 from cic_gpt2.prepared import Prepared
 
 # short name (CLI) -> display name (tables, JSON keys)
@@ -43,11 +42,6 @@ class BaselineResult:
 # --------------------------------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------------------------------
-def row_ids_digest(row_ids: Iterable[int]) -> str:
-    """sha256 of the row ids (int64, in order): equal digests mean exactly the same rows in the same order."""
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(row_ids, dtype="<i8")).tobytes()).hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------

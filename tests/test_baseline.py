@@ -12,7 +12,8 @@ from cic_gpt2 import schema
 from cic_gpt2.errors import CicError, DataError
 from cic_gpt2.metrics import classification_metrics
 from cic_gpt2.templates import render
-from cic_gpt2.trees import row_ids_digest, run_baselines
+from cic_gpt2.metrics import row_ids_digest
+from cic_gpt2.trees import run_baselines
 
 from conftest import SAMPLE_V2, run_cli
 

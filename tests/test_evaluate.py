@@ -12,8 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cic_gpt2.files import free_port
 from conftest import SAMPLE_V2, run_cli, run_proc
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
@@ -132,7 +131,8 @@ def test_report_files_agree_with_the_predictions(evaluated, prepared_v2):
 
 def test_compare_scores_baselines_on_exactly_the_models_test_rows(evaluated, prepared_v2):
     from cic_gpt2.prepared import Prepared
-    from cic_gpt2.trees import fit_baselines, row_ids_digest
+    from cic_gpt2.metrics import row_ids_digest
+    from cic_gpt2.trees import fit_baselines
 
     compare = json.loads((evaluated / "compare.json").read_text())["results"]
     model_name, *baselines = list(compare)
@@ -172,18 +172,13 @@ def test_bad_requests_are_one_line_errors(tiny_export, prepared_v2, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_one_and_two_processes_give_identical_numbers(evaluated, tiny_export, prepared_v2, tmp_path):
     out = tmp_path / "two"
     # 405 test rows = 13 micro-batches of 32 over 2 ranks: uneven slices, so the gather pads and drops filler rows.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "cic_gpt2", "evaluate", "--model", str(tiny_export),
+           "--master_port", str(free_port()), "-m", "cic_gpt2", "evaluate", "--model", str(tiny_export),
            "--data", str(prepared_v2), "--output", str(out), "--micro-batch-size", "32", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     proc = run_proc(cmd, env=env, capture_output=True, text=True, timeout=240)

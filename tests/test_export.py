@@ -1,7 +1,6 @@
 """export.py: live export round trip (both heads), pipeline on template text, ZeRO-2 checkpoint -> export."""
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel, pipeline
 
+from cic_gpt2.files import free_port
 from cic_gpt2.config import DataConfig, ModelConfig, RunConfig, to_dict
 from cic_gpt2.data import read_batch
 from cic_gpt2.prepared import Prepared
@@ -143,7 +143,7 @@ def zero2_runs(prepared_v2, tmp_path_factory):
     script = out / "train_tiny.py"
     script.write_text(ZERO_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = run_proc([sys.executable, str(script), str(prepared_v2), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -178,11 +178,3 @@ def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     with pytest.raises(CicError, match="not an exported model"):
         Export.open(tmp_path)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

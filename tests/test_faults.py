@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cic_gpt2.files import free_port
 from cic_gpt2 import checkpoint as ckpt
 from cic_gpt2 import preflight
 from cic_gpt2.config import ModelConfig, RunConfig, load_config
@@ -60,11 +60,6 @@ raise SystemExit(main(["train", *sys.argv[1:]]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_"))}
@@ -75,7 +70,7 @@ def _env(**extra: str) -> dict[str, str]:
 def start_ranks(run_dir: Path, data: Path, *extra: str, world_size: int = 2, timeout_s: int = TIMEOUT_S,
                 rank_env: dict[int, dict] | None = None) -> list[subprocess.Popen]:
     """One `python -m cic_gpt2 train` per rank, torchrun variables only; output in RUN_DIR.rankN.log."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
@@ -367,7 +362,7 @@ def test_config_errors_are_reported_before_the_process_group(prepared_v2, tmp_pa
     proc = run_proc(
         [sys.executable, "-m", "cic_gpt2", "train", "--data", str(prepared_v2), "--run-dir", str(tmp_path / "run"),
          "dist.timeout_s=300", *overrides],
-        env=_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())),
+        env=_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
         capture_output=True, text=True, timeout=200)
     elapsed = time.monotonic() - start
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cic-gpt2 train: error: ")]

@@ -7,7 +7,6 @@ equivalence and 1-vs-2-rank evaluation tests each add one short run next to it.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cic_gpt2.files import free_port
 from cic_gpt2 import checkpoint as ckpt
 from cic_gpt2.loggers import read_jsonl
 from conftest import run_cli, run_proc
@@ -27,11 +27,6 @@ COMMON = ["model.name=tiny", "model.dropout=0", f"train.max_steps={STEPS}", "tra
           "log.log_every=1", "log.progress=false", "train.eval_micro_batch_size=16"]
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env() -> dict:
@@ -46,7 +41,7 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 def torchrun(nproc: int, *argv, timeout: int = 300) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cic_gpt2", "train",
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "cic_gpt2", "train",
                  *map(str, argv)], timeout)
 
 
