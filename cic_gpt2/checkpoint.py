@@ -147,6 +147,7 @@ def save(
     is_main: bool,
     side_files: dict[str, str],
     keep_last: int,
+    keep_steps: tuple[int, ...] = (),
 ) -> Path:
     """Save on EVERY rank (DeepSpeed's save is a collective). Returns the tag dir, complete on return.
 
@@ -168,15 +169,16 @@ def save(
             write_text(tag_dir / name, text)
         marker = {"step": step, "world_size": world_size, "time": time.time()}
         write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n")
-        prune(ckpt_dir, keep_last)
+        prune(ckpt_dir, keep_last, keep_steps)
     _barrier()  # nobody leaves (e.g. to exit for requeue) before the marker exists
     return tag_dir
 
 
-def prune(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` COMPLETE checkpoints (rank 0 only). Partial ones are left alone:
-    one may be a save in progress; the next save of the same tag replaces it."""
-    complete = [path for _, path, ok in list_checkpoints(ckpt_dir) if ok]
+def prune(ckpt_dir: str | Path, keep_last: int, keep_steps: tuple[int, ...] = ()) -> list[Path]:
+    """Delete all but the newest `keep_last` COMPLETE checkpoints (rank 0 only), never those of `keep_steps`
+    (the best-validation checkpoint). Partial ones are left alone: one may be a save in progress; the next
+    save of the same tag replaces it."""
+    complete = [path for step, path, ok in list_checkpoints(ckpt_dir) if ok and step not in keep_steps]
     doomed = complete[:-keep_last] if keep_last > 0 else []
     for path in doomed:
         # Remove the marker first: a crash mid-delete leaves a partial dir, never a "complete" broken one.
@@ -286,10 +288,20 @@ class Checkpointer:
         """On the cadence, except the last step (the end of training saves it anyway)."""
         return bool(self.every_steps) and step % self.every_steps == 0 and step != total_steps
 
-    def save(self, engine, step: int, client_state: dict) -> None:
-        """Collective: every rank calls it at the same step. A step already saved is not saved again."""
+    def save(self, engine, step: int, client_state: dict, keep_steps: tuple[int, ...] = ()) -> None:
+        """Collective: every rank calls it at the same step. A step already saved is not saved again.
+        Pruning keeps the newest `checkpoint.keep_last` and the tags of `keep_steps` (the best one)."""
         if step == self.last_saved_step:
             return
         save(engine, self.ckpt_dir, step, client_state, rank=self.info.rank, world_size=self.info.world_size,
-             is_main=self.info.is_main, side_files=self.side_files, keep_last=self.keep_last)
+             is_main=self.info.is_main, side_files=self.side_files, keep_last=self.keep_last, keep_steps=keep_steps)
         self.last_saved_step = step
+
+    def load_weights(self, engine, step: int) -> None:
+        """Put the module weights saved at `step` back into the engine (the best-validation model, for the
+        final test and the export); optimizer and schedule are left as they are. Collective."""
+        path, _ = engine.load_checkpoint(str(self.ckpt_dir), tag=tag_for(step), load_module_only=True,
+                                         load_optimizer_states=False, load_lr_scheduler_states=False)
+        if path is None:
+            raise CicError(f"the best checkpoint {self.ckpt_dir / tag_for(step)} could not be loaded (deleted?); "
+                           f"export it by hand with `cic-gpt2 export` or rerun with train.select_best=false")

@@ -99,6 +99,16 @@ class TrainConfig:
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
     eval_micro_batch_size: int = 0
     """Examples per rank per forward pass during evaluation (0: twice train.micro_batch_size)."""
+    eval_max_rows: int = 0
+    """Periodic validation (every eval_every steps) scores a fixed stratified subset of at most this many
+    validation rows (0: all), so a huge validation split does not stall training; the end of training always
+    scores the whole split."""
+    select_best: bool = True
+    """With eval_every: the model reported on test and exported is the step with the best validation
+    macro-F1 (its checkpoint is never pruned); false: the last step. Test metrics never choose."""
+    patience: int = 0
+    """With eval_every: stop early after this many validations in a row without a better validation
+    macro-F1 (0: train to the end)."""
     max_skipped_steps: int = 50
     """fp16: stop with advice after this many consecutive overflow-skipped steps."""
 
@@ -112,6 +122,10 @@ class TrainConfig:
             raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.eval_max_rows < 0 or self.patience < 0:
+            raise ConfigError("train.eval_max_rows and train.patience must be >= 0")
+        if self.patience and not self.eval_every:
+            raise ConfigError(f"train.patience={self.patience} needs periodic validation: set train.eval_every")
 
 
 @dataclass(frozen=True)

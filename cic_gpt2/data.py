@@ -46,6 +46,21 @@ def global_batches(
     return batches[order]
 
 
+def stratified_subset(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most `max_rows` rows with the class proportions of `labels` (every class
+    present keeps at least one row), drawn once from (seed) alone: the same rows at every validation."""
+    labels = np.asarray(labels)
+    if not max_rows or max_rows >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng([int(seed), 3])
+    picked = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        take = max(1, int(round(len(rows) * max_rows / len(labels))))
+        picked.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def rank_micro_batches(global_batch: np.ndarray, rank: int, world_size: int, grad_accum: int) -> list[np.ndarray]:
     """This rank's contiguous slice of a global batch, cut into grad_accum equal micro-batches."""
     per_rank = len(global_batch) // world_size

@@ -74,25 +74,38 @@ def main(args: argparse.Namespace) -> int:
 
 
 def finish(trainer) -> None:
-    """End of training: final val + test metrics and checkpoint (every rank), then rank 0 writes
-    metrics.json, the plots and the export and prints the report."""
+    """End of training (every rank): the last step is validated like the others and checkpointed; the model
+    validation chose (train.select_best) is loaded back, scored on the whole val split and, once, on test.
+    Then rank 0 writes metrics.json, the plots and the export of that model and prints the report."""
     from cic_gpt2.exported import export_hf
     from cic_gpt2.metrics import metrics_markdown
 
-    val, test = trainer.validate("val"), trainer.validate("test")
+    selection = None
+    if trainer.selecting:
+        trainer.select("val")  # the last step is a candidate too
+        best = trainer.best
+        selection = {"metric": "val/macro_f1", "rows": int(len(trainer.val_rows)), "step": best.best_step,
+                     "value": best.best_value, "stopped_early": best.should_stop}
     trainer.save()
+    selected_step = selection["step"] if selection else trainer.step
+    if selected_step != trainer.step:
+        trainer.checkpointer.load_weights(trainer.engine, selected_step)
+        trainer.say(f"selected step {selected_step} (best val macro-F1 {selection['value']:.4f} on "
+                    f"{selection['rows']} rows); final metrics and export are of that model")
+    val, test = trainer.validate("val"), trainer.validate("test")
     if not trainer.is_main:
         return
     run_dir, cfg = trainer.checkpointer.ckpt_dir.parent, trainer.cfg
-    summary = {"step": trainer.step, "epochs": trainer.step / trainer.steps_per_epoch,
+    summary = {"step": trainer.step, "selected_step": selected_step, "selection": selection,
+               "epochs": trainer.step / trainer.steps_per_epoch,
                "world_size": trainer.info.world_size, "global_batch_size": trainer.global_batch_size,
                "skipped_steps": trainer.skips.total, "label_names": trainer.label_names, "val": val, "test": test}
     write_text(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    write_plots(run_dir, test, trainer.label_names, trainer.step)
+    write_plots(run_dir, test, trainer.label_names, selected_step)
     if cfg.checkpoint.export:
-        export_hf(trainer.classifier, run_dir / "export", trainer.tokenizer, trainer.prepared.manifest, to_dict(cfg),
+        export_hf(trainer.engine.module, run_dir / "export", trainer.tokenizer, trainer.prepared.manifest, to_dict(cfg),
                   json.loads(trainer.checkpointer.side_files["ds_config.json"]))
-    trainer.say(metrics_markdown(test, title=f"test split after {trainer.step} steps")
+    trainer.say(metrics_markdown(test, title=f"test split, model of step {selected_step} of {trainer.step}")
                 + f"\nrun dir: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tb'})")
 
 

@@ -11,9 +11,13 @@ from typing import Optional
 
 import yaml
 
+import numpy as np
+import pyarrow as pa
+
 from cic_gpt2 import dist, perf
 from cic_gpt2.checkpoint import Checkpointer
 from cic_gpt2.config import RunConfig, to_dict
+from cic_gpt2.data import stratified_subset
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.files import write_text
 
@@ -64,6 +68,29 @@ class SkipGuard:
                 f"train.max_skipped_steps to keep trying")
 
 
+class BestTracker:
+    """Validation chooses the model: the best validation macro-F1 so far and its step, and early stopping
+    after `patience` validations in a row without a better one (pure; its state rides in checkpoints)."""
+
+    def __init__(self, patience: int = 0, best_step: int = -1, best_value: float = -math.inf, since_best: int = 0):
+        self.patience, self.best_step, self.best_value, self.since_best = patience, best_step, best_value, since_best
+
+    def update(self, step: int, value: float) -> bool:
+        """Record one validation; True when it is the best so far (ties keep the earlier step)."""
+        if value > self.best_value:
+            self.best_step, self.best_value, self.since_best = step, value, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.since_best >= self.patience
+
+    def state(self) -> dict:
+        return {"best_step": self.best_step, "best_value": self.best_value, "since_best": self.since_best}
+
+
 class MetricsWindow:
     """This rank's counters since the last log step. The loss is summed on the device (no host sync per
     step); `summarize` all-reduces everything once, on log steps only, into train/ and perf/ metrics."""
@@ -108,7 +135,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, info: dist.DistInfo, engine, classifier, tokenizer, prepared,
                  checkpointer: Checkpointer, logger, watcher, total_steps: int, start_step: int = 0,
-                 skipped_steps: int = 0):
+                 skipped_steps: int = 0, best: Optional[dict] = None):
         from tqdm.auto import tqdm
 
         from cic_gpt2.ds_config import lr_ratio
@@ -130,6 +157,10 @@ class Trainer:
                                     perf.flops_per_token(classifier.hf_model.config, seq_len),
                                     perf.peak_flops_per_s(perf.device_name(self.device), self.precision))
         self.skips = SkipGuard(tr.max_skipped_steps, skipped_steps)
+        self.selecting = bool(tr.eval_every and tr.select_best)
+        self.best = BestTracker(tr.patience, **(best or {}))
+        val_labels = prepared.table("val").column("label").to_numpy()
+        self.val_rows = stratified_subset(val_labels, tr.eval_max_rows, tr.seed)  # periodic validation's rows
         self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              disable=not (self.is_main and cfg.log.progress))
         self._epoch_batches = None
@@ -144,13 +175,17 @@ class Trainer:
                 self.log_train_metrics()
             every = self.cfg.train.eval_every
             if every and self.step % every == 0 and self.step != self.total_steps:
-                self.validate("val")
+                self.select("val")
             if self.checkpointer.due(self.step, self.total_steps):
                 self.save()
             if self.watcher.agreed():  # collective: every rank, every step boundary
                 self.save()
                 self.say(f"preempted ({self.watcher.received or 'peer'}): saved step {self.step}, exit {EXIT_REQUEUE}")
                 return EXIT_REQUEUE
+            if self.selecting and self.best.should_stop:
+                self.say(f"early stop at step {self.step}: no better val macro-F1 in {self.best.patience} "
+                         f"validations (best {self.best.best_value:.4f} at step {self.best.best_step})")
+                break
         self.progress.close()
         return 0
 
@@ -184,12 +219,20 @@ class Trainer:
         self.logger.log(metrics, self.step)
         self.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}", refresh=False)
 
-    def validate(self, split: str) -> dict:
-        """Metrics of `split` on the current weights through the one scoring path (`inference`), identical
-        for any world size; logged as `{split}/...`. Collective."""
+    def select(self, split: str = "val") -> None:
+        """Periodic validation on the fixed subset; with selection, a new best is checkpointed at once."""
+        metrics = self.validate(split, rows=self.val_rows)
+        if self.selecting and self.best.update(self.step, metrics["macro_f1"]):
+            self.save()
+
+    def validate(self, split: str, rows: Optional[np.ndarray] = None) -> dict:
+        """Metrics of `split` (its rows at positions `rows`, default all) on the current weights through the
+        one scoring path (`inference`), identical for any world size; logged as `{split}/...`. Collective."""
         from cic_gpt2.inference import metrics_from_scores, pad_id_of, score_distributed
 
         table = self.prepared.table(split)
+        if rows is not None and len(rows) < table.num_rows:
+            table = table.take(pa.array(rows))
         batch_size = self.cfg.train.eval_micro_batch_size or 2 * self.cfg.train.micro_batch_size
         self.engine.eval()
         try:
@@ -210,8 +253,8 @@ class Trainer:
         self.checkpointer.save(self.engine, self.step, {
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_batch_size": self.global_batch_size, "seed": self.cfg.train.seed,
-            "skipped_steps": self.skips.total,
-        })
+            "skipped_steps": self.skips.total, "best": self.best.state(),
+        }, keep_steps=(self.best.best_step,) if self.selecting else ())
 
     def loss_scale(self) -> float:
         if self.precision != "fp16":
@@ -278,7 +321,7 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         write_text(run_dir / "config.yaml", checkpointer.side_files["run_config.yaml"])
         write_text(run_dir / "ds_config.json", checkpointer.side_files["ds_config.json"])
     trainer = Trainer(cfg, info, engine, classifier, tokenizer, prepared, checkpointer, logger, watcher, total_steps,
-                      start_step, int(state.get("skipped_steps", 0)) if state else 0)
+                      start_step, int(state.get("skipped_steps", 0)) if state else 0, (state or {}).get("best"))
     trainer.say(
         f"training {total_steps} steps ({steps_per_epoch}/epoch, global batch {global_batch_size} = "
         f"{tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {trainer.precision}, "
