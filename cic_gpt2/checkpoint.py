@@ -1,25 +1,8 @@
 """DeepSpeed checkpoints that are complete or ignored, and resume that reproduces the run.
 
-Layout (RUN_DIR/checkpoints/):
-
-    step-000040/                       one tag per save, written by `engine.save_checkpoint` on ALL ranks
-        mp_rank_00_model_states.pt     module weights + our client state (written by data-parallel rank 0)
-        *_optim_states.pt              one ZeRO optimizer partition per rank
-        rng_state_rank{R}.pt           each rank's RNG states (dropout continues exactly after resume)
-        run_config.yaml                resolved run config          \
-        data_manifest.json             the prepared data's manifest  } rank 0, so `cic-gpt2 export` can
-        ds_config.json                 the final DeepSpeed dict     /  rebuild the model from the tag alone
-        COMPLETE                       written by rank 0 last, after a barrier shows every rank finished
-    latest                             DeepSpeed's pointer (not trusted: it may name a partial save)
-
-Only tags with COMPLETE count: `latest_complete` never picks a half-written save, and pruning (rank 0,
-keep the last `checkpoint.keep_last`) only ever deletes complete ones, oldest first.
-
-A checkpoint written at one world size resumes at another through DeepSpeed's universal format: rank 0
-converts the tag once (`python -m deepspeed.checkpoint.ds_to_universal`, into step-NNNNNN/universal/, which
-is pruned with its tag) and every rank loads its new partition from it (`checkpoint.load_universal` in the
-DeepSpeed dict). The global batch must stay the same (scale train.grad_accum), so the data position and
-the LR schedule carry over; dropout RNG streams cannot (they belong to ranks that no longer exist).
+`Checkpointer` owns RUN_DIR/checkpoints for one run (what to resume from, the universal conversion, loading,
+saving on its cadence); `save`, `load`, `latest_complete` and `prune` are its pieces. Layout, the COMPLETE
+marker and resume at another world size: docs/training.md ("Checkpoints and resume").
 """
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""`cic-gpt2` command line (also `python -m cic_gpt2`).
+"""`cic-gpt2` command line (also `python -m cic_gpt2`): `main()` imports a subcommand's module only when it runs.
 
-Each subcommand lives in its own module, imported only when that subcommand runs (so `prepare` never
-pays for importing DeepSpeed). A command module provides:
-
-    HELP: str                                   one line for `cic-gpt2 --help`
-    def add_arguments(parser) -> None           its flags
-    def main(args: argparse.Namespace) -> int   exit status
-    def epilog() -> str                         optional: text after the flags in --help
-
-A `CicError` anywhere becomes one line on stderr and exit status 2; no traceback.
+What a command module provides and how a `CicError` is reported: docs/architecture.md.
 """
 from __future__ import annotations
 

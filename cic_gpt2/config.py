@@ -1,10 +1,7 @@
-"""Run configuration: one dataclass per concern, nested in `RunConfig`.
+"""Run configuration: one dataclass per concern, nested in `RunConfig`, each field documented under it.
 
-Precedence, lowest first: dataclass defaults < a YAML/JSON file (`--config run.yaml`) < CLI dotted
-overrides (`train.lr=3e-5 model.name=gpt2-large`). Parsed once, in the command's `main()`; variants are
-made with `dataclasses.replace`, never by mutating a loaded config. Unknown keys, duplicated keys and
-values of the wrong type are `ConfigError`s that name the dotted key. `config_help()` lists every key with
-its type, default and the doc string under its field (`cic-gpt2 train --help`).
+`load_config(RunConfig, path, overrides)` merges defaults < file < CLI dotted overrides; `config_help()` lists
+every key (`cic-gpt2 train --help`). Precedence and the errors: docs/training.md.
 """
 from __future__ import annotations
 

@@ -4,12 +4,8 @@
     cic-gpt2 demo --classes 34          # all classes present in the sample (27)
     cic-gpt2 demo --nproc 1 train.epochs=2
 
-Stages:
-  1. prepare   the merged-schema sample (4,050 real rows) -> DEMO/prepared (80/10/10 stratified split)
-  2. train     `torchrun --nproc_per_node 2 -m cic_gpt2 train`: DeepSpeed ZeRO-2 on gloo, a tiny GPT-2 built
-               from a config (random init), eval on the val split, checkpoints, TensorBoard -> DEMO/run
-  3. metrics   the test split, beside a RandomForest fitted on the same train rows' raw features
-  4. export    a Hugging Face model directory (written by train at the end) -> DEMO/run/export
+`run_demo` runs prepare -> torchrun train -> test metrics beside a RandomForest -> export. Stages, outputs
+and what the demo gives: docs/training.md ("The demo's settings and what they give").
 """
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """Rank discovery and process-group setup. The only module that reads rank environment variables.
 
-Sources, first match wins:
-  * torchrun / the deepspeed launcher: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-  * SLURM `srun`, one task per GPU: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_(STEP|JOB)_NODELIST;
-    master = first host of the node list, port = MASTER_PORT or derived from SLURM_JOB_ID
-  * OpenMPI `mpirun`: OMPI_COMM_WORLD_RANK / _LOCAL_RANK / _SIZE (+ MASTER_ADDR, default localhost)
-  * nothing: one process (rank 0 of 1) on a free local port
-
-`init()` exports the torch variables (deepspeed.init_distributed never reads SLURM_* and otherwise
-falls into MPI discovery), picks nccl on CUDA and gloo elsewhere, and sets a collective timeout so
-that a dead peer surfaces as an error instead of a hang.
+`discover()` returns a frozen `DistInfo` from the first launcher whose variables are set (torchrun / the
+deepspeed launcher, SLURM `srun`, OpenMPI `mpirun`; else one process); `init(info)` starts the process group.
+The variables, master address and port, backend and collective timeout: docs/launch.md.
 """
 from __future__ import annotations
 

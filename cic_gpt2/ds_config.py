@@ -1,16 +1,8 @@
 """DeepSpeed config: engine knobs from `ds_configs/*.json`, batch/optimizer/clipping from the run config.
 
-The JSON files hold engine knobs only (ZeRO stage, buckets, overlap, fp16 loss scaling, offload). Batch size,
-learning rate, weight decay and clipping come from `TrainConfig`; `build_ds_config` fills them into a NEW dict
-and checks `train_batch_size == micro_batch_size * grad_accum * world_size`. Everything here runs before any
-process group exists, so a bad `train.ds_config` fails fast with a `ConfigError` on every rank.
-
-    ds_configs/zero2_fp16.json          V100-class GPUs (no bf16): fp16 with dynamic loss scaling
-    ds_configs/zero2_bf16.json          A100/H100: bf16
-    ds_configs/zero2_fp16_offload.json  one 16 GB GPU with GPT-2-Large: optimizer state + step on the CPU
-    ds_configs/zero2_fp32.json          CUDA, full precision
-    ds_configs/zero2_cpu.json           CPU (tests, demo): fp32, torch AdamW
-    ds_configs/zero2_cpu_bf16.json      CPU, bf16 weights/activations with fp32 master weights
+`load_and_build(train, world_size)` picks the JSON and `build_ds_config` fills the run config into a new dict,
+checking the batch arithmetic before any process group exists. The shipped JSONs and what each is for:
+docs/training.md ("The DeepSpeed config").
 """
 from __future__ import annotations
 

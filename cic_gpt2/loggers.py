@@ -1,10 +1,7 @@
 """Metric loggers: one protocol, `log(metrics, step)` / `close()`, several backends behind one fan-out.
 
-Which process writes is decided once, when the logger is built: rank 0 gets TensorBoard + JSONL, every
-other rank gets a `NullLogger`, so the training loop calls `logger.log(...)` unconditionally.
-
-Keys are `section/name`: `train/loss`, `train/lr`, `val/macro_f1`, `perf/tokens_per_s`, `perf/mfu`.
-Values must be numbers (bool/int/float, or 0-d tensors already moved to the host by the caller).
+`build_logger(run_dir, is_main)` gives rank 0 TensorBoard + JSONL and every other rank a `NullLogger`.
+Keys, values and files: docs/training.md ("Outputs").
 """
 from __future__ import annotations
 

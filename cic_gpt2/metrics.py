@@ -1,21 +1,8 @@
 """Classification metrics shared by train (val/test), evaluate and baseline, so every number in a
 report is computed the same way.
 
-`classification_metrics` returns plain JSON-serializable Python (floats, ints, None, lists, dicts).
-
-Averaging conventions (stated once, because they change the figures):
-- Per-class precision/recall/F1/support are reported for EVERY label name, including classes absent
-  from the evaluated rows (support 0; precision/recall/F1 0 where undefined, never NaN).
-- Macro averages are over the classes that occur in the evaluated rows, in y_true or in y_pred (what
-  scikit-learn does when it is not given `labels`). A class that is neither true nor predicted on any
-  evaluated row says nothing about the classifier and would only drag the average toward 0; a class
-  that is predicted but never true still counts (precision 0), so spurious predictions are penalized.
-  `macro_classes` records how many classes went into the macro averages.
-- Weighted averages weight each class by its support (true count).
-- `roc_auc_ovr_macro`: one-vs-rest ROC-AUC of each class that occurs in y_true (score = that class's
-  probability column), averaged unweighted. None when undefined: no probabilities given, or fewer
-  than 2 classes in y_true. With every class present this equals
-  `roc_auc_score(y_true, probs, multi_class="ovr", average="macro")`.
+`classification_metrics` (plain JSON-serializable Python), `metrics_markdown`, `compare_markdown`,
+`row_ids_digest`. Keys and averaging conventions: docs/evaluation.md ("Metrics").
 """
 from __future__ import annotations
 

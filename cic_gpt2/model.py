@@ -1,30 +1,9 @@
 """GPT-2 traffic classifier: presets or local checkpoints, two heads, one output shape.
 
 `build_model(model_cfg, label_names, tokenizer)` returns a `TrafficClassifier` whose
-`forward(input_ids, attention_mask, labels=None)` gives `ClassifierOutput(loss, logits[B, num_labels])`:
-
-* `seqcls` — `GPT2ForSequenceClassification`: the class logits read at the last non-pad token (pad = eos,
-  set as `pad_token_id` in the model config, so the exported model pads and pools the same way in
-  `pipeline("text-classification")`). Loss: cross-entropy, mean over the batch.
-* `causal-lm` — `GPT2LMHeadModel` as a conditional language model. Sequence = PROMPT_PREFIX + row ids +
-  PROMPT_SUFFIX + answer, answer = " <label name>" + eos. Loss (training): -log p(answer of the true label |
-  prompt) summed over the answer tokens only, mean over the batch. Prediction: logits[b, c] = log p(answer_c |
-  prompt_b), every label scored exactly, never `generate()`. The text pieces are tokenized ONCE here; the
-  concatenation of their ids equals the tokenization of the whole text (tests check it), so the exported
-  model can be used on plain strings too (docs/model.md).
-
-  Exact scoring of all labels in ONE forward pass: each example's prompt is followed by every label's answer
-  tokens (all but the last, which only needs to be predicted), packed side by side. A 4-D attention mask lets
-  each answer token see the prompt and the earlier tokens of its own answer only, and position ids restart
-  at the prompt's end for every answer, so each answer is scored exactly as if it were the only one after
-  the prompt (same numbers as scoring the labels one by one). The LM head runs only at the positions that
-  predict answer tokens (prompt end + the packed answers), not over the whole sequence. In training mode
-  with labels only the true answer is packed (the loss needs nothing else), so training costs one answer,
-  not num_labels answers; `logits` is then None.
-
-Model sources: a preset name (`tiny` ... `gpt2-xl`, random init from a GPT2Config, seeded by the caller's
-torch seed), with `model.pretrained=true` the same name's weights from the local Hugging Face cache; or a
-local model directory / a model name in the local HF cache (weights loaded). Nothing is ever downloaded.
+`forward(input_ids, attention_mask, labels=None)` gives `ClassifierOutput(loss, logits[B, num_labels])` for
+both heads, `seqcls` and `causal-lm` (every label's answer scored exactly, in one packed pass). Model
+sources, the two heads and the causal-lm scoring: docs/model.md.
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """PNG plots people look at after a run: confusion matrix, loss curve, per-class F1.
 
-matplotlib with the Agg backend (no display needed on compute nodes). Every function writes to a
-temporary file beside `path` and renames it into place, so a PNG that exists is a complete PNG.
-Figures scale with the number of classes so 34 CICIoT2023 classes stay readable.
+Each is written atomically and scales with the class count; what they show: docs/evaluation.md.
 """
 from __future__ import annotations
 

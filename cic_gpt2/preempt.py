@@ -1,21 +1,8 @@
 """Preemption: turn SIGUSR1 / SIGTERM into "checkpoint now, exit 75, requeue".
 
-SLURM sends the batch shell SIGUSR1 some minutes before the time limit (`#SBATCH --signal=B:USR1@180`);
-the sbatch script forwards it to the training step (slurm/*.sbatch). Only the ranks that get the signal
-know about it, and they may get it at different steps, so no rank acts on its own flag: after every
-optimizer step all ranks call `agreed()`, a one-integer all-reduce MAX, and all see the same answer at
-the same step. Then all of them save the checkpoint together (a collective) and exit `EXIT_REQUEUE`,
-which the sbatch script turns into `scontrol requeue`; the restarted job runs with `--resume auto`.
-
-    watcher = PreemptionWatcher().install()
-    for step in ...:
-        engine.step()
-        if watcher.agreed():          # every rank, same boundary
-            save_checkpoint(...)      # every rank
-            return EXIT_REQUEUE
-
-A handler only sets a flag: nothing else is safe to do in a signal handler, and the flag is read at the
-next step boundary. A second signal changes nothing (the checkpoint is already coming).
+`PreemptionWatcher().install()` turns the signal into a local flag; `agreed()`, called by every rank after
+every optimizer step, is the all-reduce that makes all ranks save and exit `EXIT_REQUEUE` at the same step.
+The protocol with SLURM and the sbatch scripts: docs/launch.md ("Preemption and time limits").
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """Checks that refuse a training run before any process group starts, with the numbers.
 
-A run that dies at its first checkpoint (disk full, read-only scratch, a run dir under a file) or after
-`deepspeed.init_distributed` (a batch that does not fit the data, a resume with another global batch) wastes a
-queue slot and, multi-node, leaves peers waiting for the collective timeout. Everything here reads only
-files and the config, so it runs on every rank before `dist.init`:
-
-    check_train_run(cfg, manifest, world_size, precision, resume_from)   # the one call train.main makes
-
-Checkpoint size (what one save writes, summed over ranks), per parameter N:
-    12 B  fp32 master weights + Adam exp_avg + exp_avg_sq (ZeRO-2 partitions them: each rank writes 12N/W)
-    2|4 B module weights in mp_rank_00_model_states.pt (fp16/bf16 | fp32)
-    4 B   the fp32 safetensors export written at the end (checkpoint.export=true)
-plus 10% and 64 MiB for RNG files, configs, filesystem overhead. Only ONE checkpoint is required: pruning
-(checkpoint.keep_last) runs after each save, so a run keeping K needs K+1 of them at its peak; the message
-says so.
+`check_train_run(cfg, manifest, world_size, precision, resume_from)` is the one call `train.main` makes, on
+every rank before `dist.init`. What each check refuses, and the checkpoint-size estimate of
+`estimate_checkpoint`: docs/RELIABILITY.md ("Refused before training starts").
 """
 from __future__ import annotations
 

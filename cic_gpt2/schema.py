@@ -1,14 +1,8 @@
-"""CICIoT2023: the columns of both public CSV schemas and the official label taxonomy.
+"""CICIoT2023: the columns of both public CSV schemas (v1, v2; plus the `text,label` format) and the
+official label taxonomy (34 classes, 8 groups, 2).
 
-Schemas (see cic_gpt2/data/SOURCE.md):
-  v1    the original release: 46 feature columns + `label` (34 attack/benign classes).
-  v2    the merged re-release: 39 feature columns + `Label` (drops flow_duration, Duration, Srate, Drate,
-        urg_count, Magnitue, Radius, Covariance, Weight; adds Time_To_Live, IGMP).
-  text  the serialized `text,label` CSV of the original GPT2_CIC_IOT_2023 script.
-
-Taxonomy: the 34 classes of Neto et al. (2023), grouped into the paper's 8 groups or 2 (Benign vs Attack).
-Label spellings vary between releases and mirrors (`BenignTraffic`, `Benign_Final`, `BENIGN`,
-`DDOS-ICMP_FLOOD`, ...): `normalize_key` folds case and punctuation so each variant finds its class.
+`detect_format`, `label_names`, `map_label`, and `normalize_key`, which folds the label spellings of the
+releases. Formats, classes and groups: docs/prepare.md; where the data comes from: cic_gpt2/data/SOURCE.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,7 @@
-"""Row -> text: the three serializations of a CICIoT2023 flow, vectorized over a chunk of rows.
+"""Row -> text: the three serializations of a CICIoT2023 flow (`compact`, `seed`, `kv`), vectorized.
 
-  compact  (default, ours) few GPT-2 tokens per row: `key+value` words, zero fields left out.
-           Each word is one key token (a short single-token key, see COMPACT_KEYS) + usually one number
-           token. Values keep 2 significant digits as integers where possible (GPT-2 has single tokens for
-           0..99 and most of 100..999 without a leading space): 64 -> "64", 16588 -> "17k", 83340575 -> "83M",
-           1658.8 -> "1700", 6.11 -> "6.1", 0.00021 -> ".00021". Flag/protocol fractions (0..1, multiples of 0.1 in
-           the merged release) become integer percentages: ack_flag_number 0.8 -> "ak80".
-           e.g. "head32 pt6 TTL64 ak100 ac10 https100 tcp100 ip100 LLC100 sum660 min66 max66 avg66 size66 n10"
-  seed     the sentences the original GPT2_CIC_IOT_2023 pipeline fed GPT-2 (parts joined by ". ", zero parts
-           left out, cut at 400 characters + "..."), for comparison.
-  kv       every `name:value` with the value's shortest round-trip decimal.
-
-Every function works on whole columns (pandas factorize + pyarrow compute): Python only formats each
-*distinct* (rounded) value of a chunk once, never loops over rows.
+`render(template, values, feature_names)` works on whole columns of a chunk; `render_row` renders one row.
+What each template writes and why: docs/prepare.md ("Templates", "How it scales").
 """
 from __future__ import annotations
 

