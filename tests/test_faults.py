@@ -49,12 +49,12 @@ import os, signal, sys
 kill_step = os.environ.get("CIC_TEST_KILL_BEFORE_MARKER")
 if kill_step:
     from cic_gpt2 import checkpoint
-    real_write = checkpoint._write_atomic
+    real_write = checkpoint.write_text
     def write(path, text):
         if path.name == checkpoint.COMPLETE_MARKER and path.parent.name == checkpoint.tag_for(int(kill_step)):
             os.kill(os.getpid(), signal.SIGKILL)
         real_write(path, text)
-    checkpoint._write_atomic = write
+    checkpoint.write_text = write
 from cic_gpt2.cli import main
 raise SystemExit(main(["train", *sys.argv[1:]]))
 """
