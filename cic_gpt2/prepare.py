@@ -221,8 +221,8 @@ def main(args: argparse.Namespace) -> int:
         # Final label names: fixed taxonomy order, or sorted raw labels.
         names = fixed_names or sorted(label_ids)
         label_map = np.array([names.index(n) for n in sorted(label_ids, key=label_ids.get)], dtype=np.int32)
-        labels = label_map[labels]
-        split_code, groups = splits.split_rows(labels, hashes, names, ratios, args.seed, args.max_per_class,
+        labels = label_map.astype(labels.dtype)[labels]  # int16 kept: 2 bytes per row
+        split_code, dup_stats = splits.split_rows(labels, hashes, names, ratios, args.seed, args.max_per_class,
                                                args.small_classes, args.dedup, args.split)
         for code, reason in splits.DROP_REASONS.items():
             dropped[reason] += int((split_code == code).sum())
@@ -232,9 +232,9 @@ def main(args: argparse.Namespace) -> int:
         train_hashes = splits.train_hashes(hashes, split_code)
         np.save(data_dir / TRAIN_HASHES, train_hashes)
         hash_name = TEXT_HASH if fmt == schema.FORMAT_TEXT else FEATURE_HASH
-        dedup = splits.dedup_report(args.dedup, hash_name, groups, hashes, labels, split_code, names, ratios,
+        dedup = splits.dedup_report(args.dedup, hash_name, dup_stats, hashes, labels, split_code, names, ratios,
                                     train_hashes)
-        del groups, hashes, train_hashes
+        del hashes, train_hashes
         hist = _write_splits(rows_path, work, data_dir, split_code, label_map, args.num_shards)
         rows_path.unlink()
         manifest = _build_manifest(args, spec, layouts, rows_by_file, names, ratios, labels, split_code, hist,

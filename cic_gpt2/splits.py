@@ -67,7 +67,6 @@ class Groups:
     """Rows grouped by feature vector (equal hash), groups numbered in ascending hash order."""
 
     inverse: np.ndarray  # [rows] group of each row
-    hashes: np.ndarray  # [groups] uint64, sorted, unique
     sizes: np.ndarray  # [groups] rows
     majority: np.ndarray  # [groups] most frequent label (ties: the lowest label id)
     majority_count: np.ndarray  # [groups] rows with that label
@@ -76,19 +75,20 @@ class Groups:
 
     @property
     def num_groups(self) -> int:
-        return len(self.hashes)
+        return len(self.sizes)
 
 
 def group_rows(hashes: np.ndarray, labels: np.ndarray, want_repeats: bool = False) -> Groups:
-    """Group rows by hash; per group its size and majority label, the label counts of conflicting groups."""
+    """Group rows by hash; per group its size and majority label, the label counts of conflicting groups.
+
+    Memory beyond the inputs: at most ~22 bytes per row (all rows distinct), ~14 held by the result; the
+    steps are ordered and temporaries freed for that (46.7M rows: ~1 GB at the peak)."""
     n = len(hashes)
     index_type = np.int32 if n < 2**31 else np.int64
     order = np.lexsort((labels, hashes))  # by hash, then label; stable: equal rows keep input order
-    sorted_hashes = hashes[order]
     new_group = np.ones(n, dtype=bool)
+    sorted_hashes = hashes[order]
     np.not_equal(sorted_hashes[1:], sorted_hashes[:-1], out=new_group[1:])
-    starts = np.flatnonzero(new_group)
-    unique_hashes = sorted_hashes[starts]
     del sorted_hashes
     sorted_labels = labels[order]
     new_run = new_group.copy()  # a run = rows with the same vector and label
@@ -102,100 +102,149 @@ def group_rows(hashes: np.ndarray, labels: np.ndarray, want_repeats: bool = Fals
         repeats = np.zeros(n, dtype=bool)
         repeats[order[~new_run]] = True  # lexsort is stable: a run's first row is its first occurrence
     del order
-    sizes = np.diff(np.append(starts, n))
-    majority = sorted_labels[starts].astype(np.int32)
-    majority_count = sizes.copy()
     # Conflicting groups: a run starts inside the group. Only their rows get (group, label) counts.
-    conflicting = np.zeros(len(starts), dtype=bool)
+    conflicting = np.zeros(int(group_sorted[-1]) + 1 if n else 0, dtype=bool)
     conflicting[group_sorted[new_run & ~new_group]] = True
     in_conflict = np.flatnonzero(conflicting[group_sorted])
-    run_starts = in_conflict[new_run[in_conflict]]  # sorted positions where a (group, label) run starts
-    run_group = group_sorted[run_starts].astype(np.int64)
-    run_label = sorted_labels[run_starts].astype(np.int64)
-    run_rows = np.diff(np.append(np.flatnonzero(new_run[in_conflict]), len(in_conflict)))
-    del new_group, new_run, group_sorted, in_conflict
-    conflicts = np.stack([run_group, run_label, run_rows], axis=1).astype(np.int64)
-    if len(run_starts):
+    del conflicting
+    is_start = new_run[in_conflict]
+    run_starts = in_conflict[is_start]  # sorted positions where a (group, label) run starts
+    conflicts = np.stack([group_sorted[run_starts], sorted_labels[run_starts],
+                          np.diff(np.append(np.flatnonzero(is_start), len(in_conflict)))], axis=1).astype(np.int64)
+    del new_run, group_sorted, in_conflict, is_start, run_starts
+    majority = sorted_labels[new_group]
+    del sorted_labels
+    starts = np.flatnonzero(new_group)
+    del new_group
+    sizes = np.empty(len(starts), dtype=index_type)
+    np.subtract(starts[1:], starts[:-1], out=sizes[:-1], casting="unsafe")
+    if len(starts):
+        sizes[-1] = n - starts[-1]
+    del starts
+    majority_count = sizes.copy()
+    if len(conflicts):
+        run_group, run_label, run_rows = conflicts.T
         first = np.flatnonzero(np.append(True, run_group[1:] != run_group[:-1]))
         best = np.maximum.reduceat(run_rows, first)
         winner = np.flatnonzero(run_rows == np.repeat(best, np.diff(np.append(first, len(run_rows)))))
         winner = winner[np.append(True, run_group[winner][1:] != run_group[winner][:-1])]  # lowest label
         majority[run_group[winner]] = run_label[winner]
         majority_count[run_group[winner]] = run_rows[winner]
-    return Groups(inverse=inverse, hashes=unique_hashes, sizes=sizes, majority=majority,
-                  majority_count=majority_count, conflicts=conflicts, repeats=repeats)
+    return Groups(inverse=inverse, sizes=sizes, majority=majority, majority_count=majority_count,
+                  conflicts=conflicts, repeats=repeats)
 
 
 def assign_group_splits(groups: Groups, num_classes: int, ratios, rng: np.random.Generator) -> np.ndarray:
     """Split code of each group: stratified over groups, a group's stratum being its majority label.
 
-    Per stratum, the split sizes are those of the row split (`_split_counts` of its rows). Groups are put in
-    a seeded random order; the largest (more than one row, at most GREEDY_GROUPS of them, largest first) each
-    go to the split furthest below its size; the rest are laid end to end and each goes where its middle row
-    falls when the remaining room of each split is scaled to the remaining rows. So a split's rows in a
-    stratum differ from its size by less than twice the stratum's largest group (1 row when all are single).
-    With at least as many groups as non-empty splits each split gets a group (the smallest of the split with
-    most groups moves into an empty one); a stratum with fewer groups fills train, then val, then test.
+    Per stratum, the split sizes are those of the row split (`_split_counts` of its rows). Groups of more
+    than one row are put in a seeded random order; the largest (at most GREEDY_GROUPS, largest first) each go
+    to the split furthest below its size; the other multi-row groups are laid end to end and each goes where
+    its middle row falls when the remaining room of each split is scaled to the rows left. Single-row groups
+    then fill the remaining room exactly, in a seeded random order. So a split's rows in a stratum differ
+    from its size by less than twice the stratum's largest group (by at most 1 row when all are single).
+    With at least as many groups as non-empty splits each split gets a group (the smallest of the split
+    with most groups moves into an empty one); a stratum with fewer groups fills train, then val, then test.
     """
     code = np.zeros(groups.num_groups, dtype=np.int8)
     nonzero = [s for s in range(3) if ratios[s] > 0]
     for c in range(num_classes):
-        idx = np.flatnonzero(groups.majority == c)
-        if len(idx) == 0:
+        in_stratum = groups.majority == c
+        n_groups = int(in_stratum.sum())
+        if n_groups == 0:
             continue
+        single = in_stratum & (groups.sizes == 1)
+        idx = np.flatnonzero(in_stratum & ~single)
         idx = idx[rng.permutation(len(idx))]
         idx = idx[np.argsort(-groups.sizes[idx], kind="stable")]  # largest first; ties in random order
-        sizes = groups.sizes[idx]
-        if len(idx) < len(nonzero):
-            code[idx] = nonzero[:len(idx)]
-            continue
-        room = np.array(_split_counts(int(sizes.sum()), ratios), dtype=np.float64)
+        sizes = groups.sizes[idx].astype(np.int64)
+        n_single = n_groups - len(idx)
+        room = np.array(_split_counts(int(sizes.sum()) + n_single, ratios), dtype=np.float64)
         split = np.empty(len(idx), dtype=np.int8)
-        n_greedy = min(GREEDY_GROUPS, int((sizes > 1).sum()))
+        n_greedy = min(GREEDY_GROUPS, len(idx))
         for i in range(n_greedy):
             split[i] = int(np.argmax(room))
             room[split[i]] -= sizes[i]
         rest = sizes[n_greedy:]
         if len(rest):
-            room = np.clip(room, 0, None)
-            bounds = np.cumsum(room) * (rest.sum() / room.sum())
-            middle = np.cumsum(rest) - rest / 2
-            split[n_greedy:] = np.minimum(np.searchsorted(bounds, middle, side="right"), 2)
-        for s in nonzero:
-            if not (split == s).any():
-                donor = max(nonzero, key=lambda d: int((split == d).sum()))
-                members = np.flatnonzero(split == donor)
-                split[members[np.argmin(sizes[members])]] = s
+            left = np.clip(room, 0, None)
+            bounds = np.cumsum(left) * (rest.sum() / left.sum())
+            split[n_greedy:] = np.minimum(np.searchsorted(bounds, np.cumsum(rest) - rest / 2, side="right"), 2)
+            room -= np.bincount(split[n_greedy:], weights=rest, minlength=3)
+        single_split = np.repeat(np.arange(3, dtype=np.int8), _share(n_single, np.clip(room, 0, None)))
+        rng.shuffle(single_split)
+        if n_groups < len(nonzero):  # too few groups to reach every split: train, then val, then test
+            split, single_split = np.array(nonzero[:len(idx)], np.int8), np.array(nonzero[len(idx):n_groups], np.int8)
         code[idx] = split
+        code[single] = single_split
+        _fill_empty_splits(code, in_stratum, groups.sizes, nonzero)
     return code
+
+
+def _share(n: int, room: np.ndarray) -> np.ndarray:
+    """n items divided in proportion to room (largest remainder; all to train when there is no room)."""
+    if room.sum() <= 0:
+        return np.array([n, 0, 0])
+    exact = room * (n / room.sum())
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[:n - counts.sum()]] += 1
+    return counts
+
+
+def _fill_empty_splits(code: np.ndarray, in_stratum: np.ndarray, sizes: np.ndarray, nonzero: list[int]) -> None:
+    """Give each empty split of a stratum (with enough groups) the smallest group of its fullest split."""
+    idx = np.flatnonzero(in_stratum)
+    if len(idx) < len(nonzero):
+        return
+    for s in nonzero:
+        split = code[idx]
+        if not (split == s).any():
+            donor = max(nonzero, key=lambda d: int((split == d).sum()))
+            members = idx[split == donor]
+            code[members[np.argmin(sizes[members])]] = s
 
 
 # ================================================================================================ split
 def split_rows(labels: np.ndarray, hashes: np.ndarray, names: list[str], ratios, seed: int,
-               max_per_class: int | None, small_classes: str, mode: str,
-               split_text: str = "") -> tuple[np.ndarray, Groups]:
-    """Split code of each row (0/1/2, or OVER_CAP / TOO_SMALL / DUPLICATE) and the grouping of all rows.
+               max_per_class: int | None, small_classes: str, mode: str, split_text: str = "") -> tuple[np.ndarray, dict]:
+    """Split code of each row (0/1/2, or OVER_CAP / TOO_SMALL / DUPLICATE), and the duplicate statistics of all
+    rows (`describe_duplicates`).
 
     none: `assign_splits` as before --dedup existed. drop: the first row of each (vector, label) is kept,
     the rest are DUPLICATE; the kept rows are split by `assign_splits`. group: classes too small and the
     --max-per-class cap are applied to rows first, exactly as with none (the same rows are kept); the kept
     rows are then grouped by vector and split by `assign_group_splits`, so equal vectors share a split.
+    The grouping of all rows is freed before the row split runs (peak memory: see `group_rows`).
     """
     if mode not in MODES:
         raise DataError(f"--dedup {mode!r}: choose one of {', '.join(MODES)}")
     num_classes = len(names)
     groups = group_rows(hashes, labels, want_repeats=mode == "drop")
+    stats = describe_duplicates(groups, names)
     code = np.full(len(labels), DUPLICATE, dtype=np.int8)
-    kept = np.flatnonzero(~groups.repeats) if mode == "drop" else slice(None)
-    small = _small_classes(labels[kept], names, ratios, small_classes, split_text)
-    code[kept] = assign_splits(labels[kept], num_classes, ratios, seed, max_per_class, small)
-    if mode != "group":
-        return code, groups
+    if mode == "drop":
+        kept = ~groups.repeats
+        del groups
+        small = _small_classes(labels[kept], names, ratios, small_classes, split_text)
+        code[kept] = assign_splits(labels[kept], num_classes, ratios, seed, max_per_class, small)
+        return code, stats
+    small = _small_classes(labels, names, ratios, small_classes, split_text)
+    if mode == "none" or max_per_class is not None:
+        if mode == "group":
+            del groups
+        code[:] = assign_splits(labels, num_classes, ratios, seed, max_per_class, small)
+    else:  # group, no cap: every row of a class big enough is split
+        code[:] = 0
+        if small:
+            code[np.isin(labels, sorted(small))] = TOO_SMALL
+    if mode == "none":
+        return code, stats
     eligible = code >= 0
-    split_groups = groups if eligible.all() else group_rows(hashes[eligible], labels[eligible])
-    group_code = assign_group_splits(split_groups, num_classes, ratios, np.random.default_rng([seed, 1]))
-    code[eligible] = group_code[split_groups.inverse]
-    return code, groups
+    if max_per_class is not None or small:
+        groups = group_rows(hashes[eligible], labels[eligible])
+    group_code = assign_group_splits(groups, num_classes, ratios, np.random.default_rng([seed, 1]))
+    code[eligible] = group_code[groups.inverse]
+    return code, stats
 
 
 def _small_classes(labels: np.ndarray, names: list[str], ratios, policy: str, split_text: str) -> set[int]:
@@ -212,31 +261,38 @@ def _small_classes(labels: np.ndarray, names: list[str], ratios, policy: str, sp
 
 # ================================================================================================ report
 def train_hashes(hashes: np.ndarray, code: np.ndarray) -> np.ndarray:
-    """Sorted unique hashes of the train rows (what `train_hashes.npy` holds)."""
-    return np.unique(hashes[code == 0])
+    """Sorted unique hashes of the train rows (what `train_hashes.npy` holds); np.unique would copy once more."""
+    train = hashes[code == 0]
+    train.sort()
+    new = np.ones(len(train), dtype=bool)
+    np.not_equal(train[1:], train[:-1], out=new[1:])
+    return train if new.all() else train[new]
 
 
-def dedup_report(mode: str, hash_name: str, groups: Groups, hashes: np.ndarray, labels: np.ndarray,
-                 code: np.ndarray, names: list[str], ratios, train_unique: np.ndarray) -> dict:
-    """The manifest's `dedup` section. Duplicate and conflict counts describe every row that passed the cell
-    checks (before the cap and the drop); overlap and the test ceiling describe the written splits."""
-    n = len(labels)
+def describe_duplicates(groups: Groups, names: list[str]) -> dict:
+    """Duplicate and conflicting-label counts and the accuracy ceiling of the grouped rows."""
     dup_groups = groups.sizes > 1
-    conflict_groups = np.unique(groups.conflicts[:, 0])
-    report = {
-        "mode": mode,
-        "hash": hash_name,
-        "rows": int(n),
+    conflict_groups = np.unique(groups.conflicts[:, 0]).astype(np.int64)
+    return {
+        "rows": int(len(groups.inverse)),
         "distinct_vectors": int(groups.num_groups),
-        "duplicate_rows": int(groups.sizes[dup_groups].sum()),
+        "duplicate_rows": int(groups.sizes[dup_groups].sum(dtype=np.int64)),
         "duplicate_groups": int(dup_groups.sum()),
         "conflicting_groups": int(len(conflict_groups)),
-        "conflicting_rows": int(groups.sizes[conflict_groups].sum()),
+        "conflicting_rows": int(groups.sizes[conflict_groups].sum(dtype=np.int64)),
         "top_conflicting_pairs": _top_pairs(groups.conflicts, names),
-        "accuracy_ceiling": {"all": round(float(groups.majority_count.sum()) / max(1, n), 6),
-                             "test": _ceiling(hashes[code == 2], labels[code == 2])},
-        "overlap": {split: _overlap(hashes[code == s], train_unique) for s, split in ((1, "val"), (2, "test"))},
+        "accuracy_ceiling": {"all": round(float(groups.majority_count.sum(dtype=np.int64))
+                                          / max(1, len(groups.inverse)), 6)},
     }
+
+
+def dedup_report(mode: str, hash_name: str, stats: dict, hashes: np.ndarray, labels: np.ndarray,
+                 code: np.ndarray, names: list[str], ratios, train_unique: np.ndarray) -> dict:
+    """The manifest's `dedup` section. `stats` (from split_rows) describe every row that passed the cell checks
+    (before the cap and the drop); overlap, the test ceiling and stratification describe the written splits."""
+    report = {"mode": mode, "hash": hash_name, **stats}
+    report["accuracy_ceiling"] = {**stats["accuracy_ceiling"], "test": _ceiling(hashes[code == 2], labels[code == 2])}
+    report["overlap"] = {split: _overlap(hashes[code == s], train_unique) for s, split in ((1, "val"), (2, "test"))}
     report["stratification"] = stratification(labels, code, ratios, names)
     if mode == "drop":
         report["dropped_duplicates"] = int((code == DUPLICATE).sum())
@@ -265,7 +321,7 @@ def _ceiling(hashes: np.ndarray, labels: np.ndarray) -> float | None:
     """Best accuracy any function of the vector can reach on these rows: majority label of each vector."""
     if not len(hashes):
         return None
-    return round(float(group_rows(hashes, labels).majority_count.sum()) / len(hashes), 6)
+    return round(float(group_rows(hashes, labels).majority_count.sum(dtype=np.int64)) / len(hashes), 6)
 
 
 def _overlap(split_hashes: np.ndarray, train_unique: np.ndarray) -> dict:
