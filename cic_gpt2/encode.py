@@ -141,7 +141,9 @@ class EncodedChunk:
                      pa.ListArray<int32> (GPT-2 ids, no special tokens), labels int32 (class id, -1 when
                      unlabeled), label_codes int32 + label_uniques (class name of each row is
                      label_uniques[label_codes[i]]; code -1 when unlabeled), features float32
-                     (n, n_features; (n, 0) for text input), texts (pa.StringArray, only with_text=True).
+                     (n, n_features; (n, 0) for text input), hashes uint64 (`feature_hashes` of the
+                     features; `text_hashes` of the text for text input), texts (pa.StringArray, only
+                     with_text=True).
     Dropped rows:    dropped_row_ids int64 and dropped_reasons (list[str], one of REASONS) in row order.
     rows_read = n + len(dropped_row_ids); path = the source file.
     """
@@ -152,6 +154,7 @@ class EncodedChunk:
     label_codes: np.ndarray
     label_uniques: list[str]
     features: np.ndarray
+    hashes: np.ndarray
     dropped_row_ids: np.ndarray
     dropped_reasons: list[str]
     rows_read: int
@@ -256,6 +259,56 @@ def _to_numeric(col: pd.Series) -> pd.Series:
         return out
 
 
+# Names of the row-identity hashes, stored in the manifest (`dedup.hash`): a change of either function must
+# change its name, so that hashes of different functions are never compared.
+FEATURE_HASH, TEXT_HASH = "feature_hashes/float32-splitmix64-v1", "text_hashes/utf8-blake2b64-v1"
+# splitmix64's finalizer (Steele, Lea & Flood 2014): a bijective 64-bit mixer.
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(h: np.ndarray, tmp: np.ndarray) -> None:
+    """splitmix64 finalizer of every element, in place (uint64 arithmetic wraps modulo 2**64)."""
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        np.right_shift(h, np.uint64(shift), out=tmp)
+        h ^= tmp
+        if mult is not None:
+            h *= mult
+
+
+def feature_hashes(features: np.ndarray) -> np.ndarray:
+    """64-bit hash of each row's feature vector as stored in `features` (float32; -0.0 counts as 0.0).
+
+    Equal vectors give equal hashes on every machine, chunking and run; distinct vectors collide with
+    probability ~2**-64 per pair. The float32 bit patterns, packed two per little-endian 64-bit word (a zero
+    pad for an odd count), are folded with the splitmix64 finalizer: h = mix(h ^ word), starting from
+    mix(golden * words). Vectorised over rows: ~2.7M rows/s on one core for the 39 v2 features. Rows with
+    NaN never reach `features`, so NaN payloads need no normalising.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"features must be 2-D (rows, features), got shape {x.shape}")
+    bits = np.ascontiguousarray(x + np.float32(0.0), dtype="<f4")  # + 0.0 turns -0.0 into 0.0
+    if bits.shape[1] % 2:
+        bits = np.concatenate([bits, np.zeros((len(bits), 1), "<f4")], axis=1)
+    words = np.ascontiguousarray(bits.view("<u8").T, dtype=np.uint64)  # [words, rows]: contiguous columns
+    h = np.full(len(x), (_GOLDEN * len(words)) % 2**64, dtype=np.uint64)
+    tmp = np.empty_like(h)
+    _mix64(h, tmp)
+    for word in words:
+        h ^= word
+        _mix64(h, tmp)
+    return h
+
+
+def text_hashes(texts) -> np.ndarray:
+    """64-bit hash of each text (UTF-8 bytes, BLAKE2b-64): the row identity of `text`-format input."""
+    import hashlib
+
+    values = texts.to_pylist() if isinstance(texts, pa.Array) else list(texts)
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little")
+                     for t in values], dtype=np.uint64)
+
+
 # Per-process state for worker pools (tokenizer + word cache live in each process).
 _WORKER: dict = {}
 
@@ -280,9 +333,11 @@ def _encode_chunk(task) -> EncodedChunk:
     if texts is None:
         texts = render(spec.template, values[keep], spec.features)
         features = values[keep].astype(np.float32)
+        hashes = feature_hashes(features)
     else:
         texts = pa.array(texts.to_numpy(dtype=object)[keep], type=pa.string())
         features = np.zeros((int(keep.sum()), 0), dtype=np.float32)
+        hashes = text_hashes(texts)
     flat, offsets = _WORKER["encoder"].encode(texts)
     input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
     codes, uniques = pd.factorize(np.asarray(names, dtype=object)[keep])  # None -> -1
@@ -294,7 +349,7 @@ def _encode_chunk(task) -> EncodedChunk:
     return EncodedChunk(
         path=str(layout.path), row_ids=row_ids[keep], input_ids=input_ids, labels=labels,
         label_codes=codes, label_uniques=uniques,
-        features=features, dropped_row_ids=row_ids[~keep],
+        features=features, hashes=hashes, dropped_row_ids=row_ids[~keep],
         dropped_reasons=[REASONS[r - 1] for r in reason[~keep]], rows_read=len(df),
         texts=texts if with_text else None,
         unknown={k: int(first_row_id + i) for k, i in unknown.items()})

@@ -24,11 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from cic_gpt2 import __version__
-from cic_gpt2 import schema
-from cic_gpt2.encode import (DEFAULT_CHUNK_ROWS, EncodedChunk, InputSpec, expand_inputs, resolve_layouts,
-                             stream_chunks, unknown_label_error)
+from cic_gpt2 import schema, splits
+from cic_gpt2.encode import (DEFAULT_CHUNK_ROWS, FEATURE_HASH, TEXT_HASH, EncodedChunk, InputSpec, expand_inputs,
+                             resolve_layouts, stream_chunks, unknown_label_error)
 from cic_gpt2.errors import DataError
 from cic_gpt2.files import replace_dir
+from cic_gpt2.prepared import TRAIN_HASHES
 from cic_gpt2.templates import TEMPLATES
 
 HELP = "CICIoT2023 CSVs -> serialized, tokenized, sharded Arrow splits + manifest.json"
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split and the per-class cap")
     p.add_argument("--max-per-class", type=int, default=None, metavar="N",
                    help="keep at most N rows of each class (random, seeded) before splitting")
+    p.add_argument("--dedup", choices=splits.MODES, default="group",
+                   help="rows with identical feature vectors: group = always in the same split (stratified over "
+                        "vectors), drop = keep the first row per (vector, label), none = split rows ignoring it")
     p.add_argument("--tokenizer", default=None, help="tokenizer/model dir (default: the bundled GPT-2 BPE)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes serializing+tokenizing chunks (1 = in this process)")
@@ -72,41 +76,6 @@ def parse_split(text: str) -> tuple[float, float, float]:
     if len(ratios) != 3 or min(ratios) < 0 or ratios[0] <= 0 or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
         raise DataError(f"--split {text!r}: give three fractions train,val,test that sum to 1, e.g. 0.8,0.1,0.1")
     return ratios  # type: ignore[return-value]
-
-
-def min_rows_per_class(ratios) -> int:
-    return sum(1 for r in ratios if r > 0)
-
-
-def assign_splits(labels: np.ndarray, num_classes: int, ratios, seed: int, max_per_class: int | None,
-                  small_classes: set[int]) -> np.ndarray:
-    """Split code per row: 0/1/2 = train/val/test, -1 = over --max-per-class, -2 = class too small (dropped).
-
-    Stratified and deterministic: within each class a seeded permutation; the first rows (up to the cap) are
-    divided by the ratios, at least one row in each split with a non-zero ratio.
-    """
-    rng = np.random.default_rng(seed)
-    code = np.full(len(labels), -1, dtype=np.int8)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    for c in range(num_classes):
-        idx = order[bounds[c]:bounds[c + 1]]
-        if len(idx) == 0:
-            continue
-        if c in small_classes:
-            code[idx] = -2
-            continue
-        idx = idx[rng.permutation(len(idx))]
-        if max_per_class is not None:
-            idx = idx[:max_per_class]
-        n = len(idx)
-        n_val = max(1, round(n * ratios[1])) if ratios[1] > 0 else 0
-        n_test = max(1, round(n * ratios[2])) if ratios[2] > 0 else 0
-        n_train = n - n_val - n_test
-        code[idx[:n_train]] = 0
-        code[idx[n_train:n_train + n_val]] = 1
-        code[idx[n_train + n_val:]] = 2
-    return code
 
 
 # ================================================================================================ output
@@ -219,8 +188,8 @@ def main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     ratios = parse_split(args.split)
-    if args.max_per_class is not None and args.max_per_class < min_rows_per_class(ratios):
-        raise DataError(f"--max-per-class {args.max_per_class}: must be >= {min_rows_per_class(ratios)} "
+    if args.max_per_class is not None and args.max_per_class < splits.min_rows_per_class(ratios):
+        raise DataError(f"--max-per-class {args.max_per_class}: must be >= {splits.min_rows_per_class(ratios)} "
                         f"(one row per split)")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -244,25 +213,33 @@ def main(args: argparse.Namespace) -> int:
     work.mkdir()
     try:
         rows_path = work / "rows.arrow"
-        label_ids, labels, dropped, rows_by_file = _encode_rows(layouts, spec, tok, args.chunk_rows, workers,
-                                                                fixed_names, rows_path)
+        label_ids, labels, hashes, dropped, rows_by_file = _encode_rows(layouts, spec, tok, args.chunk_rows,
+                                                                        workers, fixed_names, rows_path)
         t_encode = time.perf_counter() - t0
         if len(labels) == 0:
             raise DataError(f"no usable rows in {len(files)} input file(s): dropped {dict(dropped)}")
         # Final label names: fixed taxonomy order, or sorted raw labels.
         names = fixed_names or sorted(label_ids)
         label_map = np.array([names.index(n) for n in sorted(label_ids, key=label_ids.get)], dtype=np.int32)
-        labels = label_map[labels]
-        split_code = _split_rows(labels, names, ratios, args)
-        dropped["over_max_per_class"] += int((split_code == -1).sum())
-        dropped["class_too_small"] += int((split_code == -2).sum())
+        labels = label_map.astype(labels.dtype)[labels]  # int16 kept: 2 bytes per row
+        split_code, dup_stats = splits.split_rows(labels, hashes, names, ratios, args.seed, args.max_per_class,
+                                               args.small_classes, args.dedup, args.split)
+        for code, reason in splits.DROP_REASONS.items():
+            dropped[reason] += int((split_code == code).sum())
         dropped = Counter({k: v for k, v in dropped.items() if v})
         data_dir = work / "data"
         data_dir.mkdir()
+        train_hashes = splits.train_hashes(hashes, split_code)
+        np.save(data_dir / TRAIN_HASHES, train_hashes)
+        hash_name = TEXT_HASH if fmt == schema.FORMAT_TEXT else FEATURE_HASH
+        dedup = splits.dedup_report(args.dedup, hash_name, dup_stats, hashes, labels, split_code, names, ratios,
+                                    train_hashes)
+        del hashes, train_hashes
         hist = _write_splits(rows_path, work, data_dir, split_code, label_map, args.num_shards)
         rows_path.unlink()
         manifest = _build_manifest(args, spec, layouts, rows_by_file, names, ratios, labels, split_code, hist,
                                    dropped, tok)
+        manifest["dedup"] = dedup
         (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(data_dir, out)
     finally:
@@ -273,16 +250,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _encode_rows(layouts, spec: InputSpec, tokenizer, chunk_rows: int, workers: int, fixed_names: list[str] | None,
-                 rows_path: Path) -> tuple[dict[str, int], np.ndarray, Counter, Counter]:
-    """Encode every input row into the temporary Arrow stream `rows_path`, keeping only a compact label array.
+                 rows_path: Path) -> tuple[dict[str, int], np.ndarray, np.ndarray, Counter, Counter]:
+    """Encode every input row into the temporary Arrow stream `rows_path`, keeping only a compact label array
+    and the 64-bit feature-vector hash of each row.
 
     Returns (label name -> provisional id (taxonomy order, or raw labels by first appearance), provisional
-    label id of each kept row, rows dropped per reason, rows read per file).
+    label id of each kept row, hash of each kept row, rows dropped per reason, rows read per file).
     """
     from tqdm.auto import tqdm
 
     label_ids: dict[str, int] = {n: i for i, n in enumerate(fixed_names or [])}
     labels_parts: list[np.ndarray] = []
+    hash_parts: list[np.ndarray] = []
     dropped: Counter = Counter()
     rows_by_file: Counter = Counter()
     with tqdm(unit=" rows", unit_scale=True, desc="prepare", dynamic_ncols=True, file=sys.stderr) as bar, \
@@ -295,23 +274,13 @@ def _encode_rows(layouts, spec: InputSpec, tokenizer, chunk_rows: int, workers: 
             ids = np.array([label_ids[u] for u in chunk.label_uniques] + [-1], np.int32)[chunk.label_codes]
             writer.write_batch(_chunk_batch(chunk, ids))
             labels_parts.append(ids.astype(np.int16 if len(label_ids) < 2**15 else np.int32))
+            hash_parts.append(chunk.hashes)
             dropped.update(chunk.dropped_reasons)
             rows_by_file[chunk.path] += chunk.rows_read
             bar.update(chunk.rows_read)
     labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int16)
-    return label_ids, labels, dropped, rows_by_file
-
-
-def _split_rows(labels: np.ndarray, names: list[str], ratios, args: argparse.Namespace) -> np.ndarray:
-    """Split code of each row (see assign_splits), after refusing or dropping classes too small to split."""
-    counts = np.bincount(labels, minlength=len(names))
-    need = min_rows_per_class(ratios)
-    small = {c for c in range(len(names)) if 0 < counts[c] < need}
-    if small and args.small_classes == "error":
-        listed = ", ".join(f"{names[c]} ({counts[c]} rows)" for c in sorted(small))
-        raise DataError(f"classes too small for a {args.split} split (need >= {need} rows each): {listed}; "
-                        f"use --small-classes drop, a coarser --classes, or more data")
-    return assign_splits(labels, len(names), ratios, args.seed, args.max_per_class, small)
+    hashes = np.concatenate(hash_parts) if hash_parts else np.zeros(0, np.uint64)
+    return label_ids, labels, hashes, dropped, rows_by_file
 
 
 def _build_manifest(args: argparse.Namespace, spec: InputSpec, layouts, rows_by_file: Counter, names: list[str],
@@ -360,4 +329,6 @@ def _print_summary(m: dict, out: Path, elapsed: float, t_encode: float) -> None:
           + ", ".join(f"{s} {m['splits'][s]['rows']:,}" for s in SPLITS))
     dropped = m["dropped"]
     print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in dropped.items()) if dropped else "none"))
+    for line in splits.report_lines(m["dedup"]):
+        print(line)
     print(f"output: {out}  (manifest.json, {', '.join(SPLITS)})")

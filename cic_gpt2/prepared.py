@@ -13,6 +13,7 @@ from cic_gpt2.errors import CicError, DataError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+TRAIN_HASHES = "train_hashes.npy"
 REQUIRED_COLUMNS = ("input_ids", "label", "length", "row_id")
 SAME_DATA_KEYS = ("format", "template", "classes", "label_names")
 """Keys a prepared dataset must share with a model's training data to be scored by that model."""
@@ -101,6 +102,23 @@ class Prepared:
     def table(self, name: str):
         """The split as one memory-mapped pyarrow Table."""
         return self.split(name).with_format("arrow")[:]
+
+    def train_hashes(self) -> np.ndarray:
+        """Sorted unique uint64 hashes (`encode.feature_hashes`, or `encode.text_hashes` for text input) of
+        the train rows' feature vectors: a row whose hash is in here was seen in training."""
+        path = self.path / TRAIN_HASHES
+        if not path.is_file():
+            raise DataError(f"{path} not found: {self.path} was prepared by an older version of cic-gpt2 (before "
+                            f"train_hashes.npy); prepare it again with `cic-gpt2 prepare ... --output {self.path} "
+                            f"--overwrite`")
+        try:
+            hashes = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path} is not a readable .npy file ({e}); prepare the dataset again") from None
+        if hashes.dtype != np.uint64 or hashes.ndim != 1:
+            raise DataError(f"{path}: expected a 1-D uint64 array, got {hashes.dtype} {hashes.shape}; "
+                            f"prepare the dataset again")
+        return hashes
 
     # ------------------------------------------------------------------------------------------ checks
     def check_tokenizer(self, tokenizer, what: str = "the tokenizer in use") -> None:

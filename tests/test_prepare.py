@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from cic_gpt2 import encode, prepare, schema
+from cic_gpt2 import encode, prepare, schema, splits
 from cic_gpt2.errors import CicError, DataError
 from cic_gpt2.templates import render
 from cic_gpt2.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MANIFEST_KEYS = {"version", "created", "inputs", "format", "label_column", "features", "template", "classes",
                  "label_names", "label2id", "split", "splits", "token_stats", "max_length", "tokenizer", "dropped",
-                 "max_per_class"}
+                 "max_per_class", "dedup"}
 
 
 def prep(out: Path, *inputs, args=()) -> dict:
@@ -87,10 +87,11 @@ def test_columns_types_and_round_trip(prepared_v2, sample_v2):
     assert [schema.LABELS_8[i] for i in df["label"]] == groups
 
 
-def test_split_is_stratified_and_deterministic(tmp_path, sample_v2):
-    a = prep(tmp_path / "a", sample_v2, args=("--seed", "1"))
-    prep(tmp_path / "b", sample_v2, args=("--seed", "1"))
-    c = prep(tmp_path / "c", sample_v2, args=("--seed", "2"))
+def test_row_split_is_stratified_and_deterministic(tmp_path, sample_v2):
+    """--dedup none: rows are split one by one (the group split: tests/test_dedup.py)."""
+    a = prep(tmp_path / "a", sample_v2, args=("--seed", "1", "--dedup", "none"))
+    prep(tmp_path / "b", sample_v2, args=("--seed", "1", "--dedup", "none"))
+    c = prep(tmp_path / "c", sample_v2, args=("--seed", "2", "--dedup", "none"))
     assert a["label_names"] == list(schema.LABELS_34)
     for name, n in a["splits"]["train"]["class_counts"].items():  # 150 rows per present class
         assert (n, a["splits"]["val"]["class_counts"][name], a["splits"]["test"]["class_counts"][name]) in {
@@ -296,10 +297,10 @@ def test_bad_flags(tmp_path, sample_v1, capsys):
 
 def test_assign_splits_rules():
     labels = np.repeat(np.arange(3), [10, 3, 1000]).astype(np.int16)
-    code = prepare.assign_splits(labels, 3, (0.8, 0.1, 0.1), seed=0, max_per_class=None, small_classes=set())
+    code = splits.assign_splits(labels, 3, (0.8, 0.1, 0.1), seed=0, max_per_class=None, small_classes=set())
     assert [np.bincount(code[labels == c], minlength=3).tolist() for c in range(3)] == [[8, 1, 1], [1, 1, 1],
                                                                                      [800, 100, 100]]
-    capped = prepare.assign_splits(labels, 3, (0.8, 0.1, 0.1), 0, max_per_class=20, small_classes={1})
+    capped = splits.assign_splits(labels, 3, (0.8, 0.1, 0.1), 0, max_per_class=20, small_classes={1})
     assert (capped[labels == 1] == -2).all() and (capped[labels == 2] >= 0).sum() == 20
     with pytest.raises(CicError):
         prepare.parse_split("0.8,0.3,0.1")
