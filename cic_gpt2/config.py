@@ -56,12 +56,19 @@ class DataConfig:
     """Batch examples of similar length together (less padding, same epoch content)."""
     pad_to_multiple_of: int = 8
     """Dynamic padding to the longest in the batch, rounded up to this multiple (tensor cores)."""
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    """`shuffle`: each epoch is a permutation of the training split. `balanced`: each epoch (same number of
+    steps) draws every example by picking a class uniformly among those in the training split, then a row of
+    it, with replacement: rare classes are seen as often as common ones, their rows repeated. Seeded by
+    (train.seed, epoch) alone; composes with group_by_length."""
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 8:
             raise ConfigError(f"data.max_length={self.max_length} is too small; use at least 8 or leave it unset")
         if self.pad_to_multiple_of < 1:
             raise ConfigError("data.pad_to_multiple_of must be >= 1")
+        if self.sampler not in ("shuffle", "balanced"):
+            raise ConfigError(f"data.sampler={self.sampler!r} is not one of shuffle, balanced")
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,12 @@ class TrainConfig:
     macro-F1 (0: train to the end)."""
     max_skipped_steps: int = 50
     """fp16: stop with advice after this many consecutive overflow-skipped steps."""
+    class_weights: Literal["none", "balanced", "sqrt"] = "none"
+    """Per-class loss weights from the training split's class counts n_c (n rows, C classes present):
+    `balanced` w_c = n / (C * n_c) (scikit-learn's), `sqrt` w_c proportional to 1/sqrt(n_c); a class with no
+    training rows gets 0. Scaled so that a training example's expected weight under data.sampler is 1 (with
+    `shuffle`, `balanced` needs no scaling), and the loss of a micro-batch is mean(w_label * loss): the same
+    for any split of the global batch. Training only: evaluation and the export are unweighted."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum"):
@@ -123,6 +136,8 @@ class TrainConfig:
             raise ConfigError("train.eval_max_rows and train.patience must be >= 0")
         if self.patience and not self.eval_every:
             raise ConfigError(f"train.patience={self.patience} needs periodic validation: set train.eval_every")
+        if self.class_weights not in ("none", "balanced", "sqrt"):
+            raise ConfigError(f"train.class_weights={self.class_weights!r} is not one of none, balanced, sqrt")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `build_model(model_cfg, label_names, tokenizer)` returns a `TrafficClassifier` whose
 `forward(input_ids, attention_mask, labels=None)` gives `ClassifierOutput(loss, logits[B, num_labels])` for
 both heads, `seqcls` and `causal-lm` (every label's answer scored exactly, in one packed pass). Model
-sources, the two heads and the causal-lm scoring: docs/model.md.
+sources, the two heads, the causal-lm scoring and class-weighted losses: docs/model.md.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ ANSWER_PREFIX = " "
 
 class ClassifierOutput(NamedTuple):
     loss: Optional[torch.Tensor]
-    """Scalar mean over the batch when labels are given, else None."""
+    """Scalar mean over the batch (of w_label * loss with class weights) when labels are given, else None."""
     logits: Optional[torch.Tensor]
     """[batch, num_labels] class scores (seqcls logits; causal-lm answer log-likelihoods); None only for
     causal-lm in training mode with labels."""
@@ -186,7 +186,8 @@ def prompt_spec(tokenizer, label_names: list[str]) -> dict:
 # The classifier
 # --------------------------------------------------------------------------------------------------
 class TrafficClassifier(nn.Module):
-    def __init__(self, hf_model: nn.Module, head: str, label_names: list[str], prompt: Optional[dict] = None):
+    def __init__(self, hf_model: nn.Module, head: str, label_names: list[str], prompt: Optional[dict] = None,
+                 class_weights=None):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"model.head={head!r} is not one of {', '.join(HEADS)}")
@@ -194,6 +195,10 @@ class TrafficClassifier(nn.Module):
         self.head = head
         self.label_names = list(label_names)
         self.prompt = prompt
+        if class_weights is not None and len(class_weights) != len(label_names):
+            raise CicError(f"{len(class_weights)} class weights for {len(label_names)} labels")
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         if head == "causal-lm":
             if prompt is None:
                 raise ValueError("the causal-lm head needs its prompt spec (prompt_spec())")
@@ -241,14 +246,28 @@ class TrafficClassifier(nn.Module):
             )
         if self.head == "seqcls":
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+            loss = self._mean_loss(logits.float(), labels) if labels is not None else None
             return ClassifierOutput(loss, logits)
         if self.training and labels is not None:
             scores = self._answer_scores(input_ids, attention_mask, labels)  # [B, 1]: the true answer only
-            return ClassifierOutput(-scores[:, 0].mean(), None)
+            return ClassifierOutput(self._mean_loss(scores, labels), None)
         scores = self._answer_scores(input_ids, attention_mask, None)
-        loss = -scores.gather(1, labels[:, None]).mean() if labels is not None else None
+        loss = self._mean_loss(scores.gather(1, labels[:, None]), labels) if labels is not None else None
         return ClassifierOutput(loss, scores)
+
+    def _mean_loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch loss: seqcls cross-entropy of the logits [B, C], causal-lm -log p of the true answer
+        ([B, 1] scores). With class weights mean(w_label * loss), divided by the batch size and not by the
+        batch's weight sum, which would make a micro-batch's share of the step depend on how the global batch
+        is split (the weights are scaled so that an example's expected weight is 1:
+        `cic_gpt2.data.class_weights`)."""
+        weight = None if self.class_weights is None else self.class_weights.float()
+        if self.head == "seqcls":
+            if weight is None:
+                return F.cross_entropy(scores, labels)
+            return F.cross_entropy(scores, labels, weight=weight, reduction="none").mean()
+        nll = -scores[:, 0]
+        return nll.mean() if weight is None else (weight[labels] * nll).mean()
 
     # ---------------------------------------------------------------------------------------------- causal-lm
     def _answer_scores(self, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -308,11 +327,13 @@ class TrafficClassifier(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Build
 # --------------------------------------------------------------------------------------------------
-def build_model(model_cfg, label_names: list[str], tokenizer, *, load_weights: bool = True) -> TrafficClassifier:
+def build_model(model_cfg, label_names: list[str], tokenizer, *, load_weights: bool = True,
+                class_weights=None) -> TrafficClassifier:
     """The classifier for `model_cfg` (see module docstring). Random init uses the caller's torch seed.
 
     `tokenizer`: the tokenizer of the data (refused when its fingerprint differs from the model's).
-    `load_weights=False`: the architecture only, random init (the caller loads a state dict next)."""
+    `load_weights=False`: the architecture only, random init (the caller loads a state dict next).
+    `class_weights`: one loss weight per label (`cic_gpt2.data.class_weights`), training only; None: unweighted."""
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     if model_cfg.head not in HEADS:
@@ -334,5 +355,5 @@ def build_model(model_cfg, label_names: list[str], tokenizer, *, load_weights: b
     if model_cfg.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompt = prompt_spec(tokenizer, label_names) if model_cfg.head == "causal-lm" else None
-    return TrafficClassifier(hf_model, model_cfg.head, label_names, prompt)
+    return TrafficClassifier(hf_model, model_cfg.head, label_names, prompt, class_weights)
 

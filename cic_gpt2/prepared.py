@@ -73,6 +73,13 @@ class Prepared:
     def label_names(self) -> list[str]:
         return list(self.manifest["label_names"])
 
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Rows of each class in `split`, in `label_names` order (the manifest's `splits.<split>.class_counts`)."""
+        counts = self.manifest.get("splits", {}).get(split, {}).get("class_counts")
+        if not isinstance(counts, dict):
+            raise DataError(f"{self.path / MANIFEST} has no splits.{split}.class_counts; prepare the dataset again")
+        return [int(counts.get(name, 0)) for name in self.label_names]
+
     @property
     def max_length(self) -> int:
         """Tokens of the longest row (before any training-time truncation)."""

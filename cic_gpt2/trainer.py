@@ -289,6 +289,7 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
     """Everything a run needs, built on every rank (the engine and a resharding conversion are collective)."""
     import torch
 
+    from cic_gpt2.data import class_weights
     from cic_gpt2.loggers import build_logger
     from cic_gpt2.model import build_model
 
@@ -300,7 +301,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
     ds_dict = checkpointer.engine_config(ds_dict)
     checkpointer.side_files["ds_config.json"] = json.dumps(ds_dict, indent=2) + "\n"
     torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
-    classifier = build_model(cfg.model, prepared.label_names, tokenizer)
+    classifier = build_model(cfg.model, prepared.label_names, tokenizer, class_weights=class_weights(
+        prepared.class_counts("train"), tr.class_weights, cfg.data.sampler))
     global_batch_size = tr.micro_batch_size * tr.grad_accum * info.world_size
     train_rows = len(prepared.split("train"))
     steps_per_epoch = train_rows // global_batch_size

@@ -35,6 +35,8 @@ def test_json_file(tmp_path):
         (["train.micro_batch_size=abc"], r"train\.micro_batch_size must be an integer"),
         (["train.micro_batch_size=0"], r"train\.micro_batch_size=0 must be >= 1"),
         (["train.precision=fp8"], r"train\.precision='fp8' is not one of"),
+        (["train.class_weights=inverse"], r"train\.class_weights='inverse' is not one of"),
+        (["data.sampler=uniform"], r"data\.sampler='uniform' is not one of"),
         (["model.gradient_checkpointing=maybe"], r"model\.gradient_checkpointing must be true or false"),
         (["train.lr=1", "train.lr=2"], r"override train\.lr given twice"),
         (["train.lr"], r"must look like section\.key=value"),

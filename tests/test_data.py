@@ -1,4 +1,5 @@
-"""data.py: the global-batch contract, resume, length grouping, collate; prepared.py: dataset checks."""
+"""data.py: the global-batch contract, resume, length grouping, class balancing, collate; prepared.py: dataset
+checks."""
 import copy
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from cic_gpt2.config import DataConfig
 from cic_gpt2.prepared import Prepared, check_tokenizer
 from cic_gpt2.data import (
-    collate, global_batches, rank_micro_batches, train_batches,
+    balanced_draw, class_weights, collate, global_batches, rank_micro_batches, train_batches,
 )
 from cic_gpt2.errors import DataError
 from cic_gpt2.tokenizer import load_tokenizer
@@ -61,6 +62,68 @@ def test_length_grouping_keeps_the_epoch_and_cuts_padding():
     assert not np.array_equal(grouped, global_batches(n, 3, 1, g, lengths))  # still shuffled per epoch
 
 
+def test_class_weights_on_a_known_count_table():
+    counts = [100, 10, 1, 0]  # n = 111 rows, C = 3 classes with rows
+    assert class_weights(counts, "none") is None
+    balanced = class_weights(counts, "balanced")
+    np.testing.assert_allclose(balanced, [111 / 300, 111 / 30, 111 / 3, 0.0], rtol=1e-12)  # n / (C n_c)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.repeat([0, 1, 2], counts[:3])
+    np.testing.assert_allclose(balanced[:3], compute_class_weight("balanced", classes=np.arange(3), y=y))
+    sqrt = class_weights(counts, "sqrt")  # n / (sqrt(n_c) * sum_c sqrt(n_c))
+    root_sum = 10 + 10**.5 + 1
+    np.testing.assert_allclose(sqrt, [111 / (10 * root_sum), 111 / (10**.5 * root_sum), 111 / root_sum, 0.0],
+                               rtol=1e-12)
+    for w in (balanced, sqrt):  # an example drawn by `shuffle` weighs 1 on average
+        assert np.dot(counts, w) / sum(counts) == pytest.approx(1.0)
+    # with the balanced sampler every class with rows is drawn equally often: its mean class weight is 1
+    for mode, raw in (("balanced", [1 / 100, 1 / 10, 1.0]), ("sqrt", [1 / 10, 10**-.5, 1.0])):
+        w = class_weights(counts, mode, sampler="balanced")
+        np.testing.assert_allclose(w[:3], np.array(raw) / np.mean(raw), rtol=1e-12)
+        assert w[3] == 0.0 and w[:3].mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("lengths", [None, "random"])
+def test_balanced_sampler_keeps_the_global_batch_contract(lengths):
+    n = 103
+    labels = np.repeat([0, 1, 2, 4], [80, 15, 6, 2])[np.random.default_rng(1).permutation(n)]  # class 3: none
+    lens = np.random.default_rng(5).integers(3, 60, n) if lengths else None
+    reference = None
+    for micro, accum, world in SPLITS_OF_4:
+        batches = global_batches(n, seed=7, epoch=2, global_batch_size=micro * accum * world, lengths=lens,
+                                 labels=labels)
+        seen = [step_examples(batches, k, micro, accum, world) for k in range(len(batches))]
+        reference = reference or seen
+        assert seen == reference, (micro, accum, world)
+    assert len(reference) == n // 4  # as many steps as the shuffled epoch
+    again = global_batches(n, seed=7, epoch=2, global_batch_size=4, lengths=lens, labels=labels)
+    assert np.array_equal(again, global_batches(n, 7, 2, 4, lens, labels))  # (seed, epoch) alone
+    assert not np.array_equal(again, global_batches(n, 7, 3, 4, lens, labels))
+    assert not np.array_equal(again, global_batches(n, 8, 2, 4, lens, labels))
+    if lengths:  # grouping re-forms batches from the same draw
+        plain = global_batches(n, 7, 2, 4, labels=labels)
+        assert sorted(plain.ravel().tolist()) == sorted(again.ravel().tolist())
+    # a longer draw extends a shorter one: the examples do not depend on the epoch's length
+    assert np.array_equal(balanced_draw(labels, 7, 2, 1000)[:40], balanced_draw(labels, 7, 2, 40))
+
+
+def test_balanced_sampler_draws_classes_uniformly_on_real_rows(prepared_v2):
+    prepared = Prepared.load(prepared_v2)
+    labels = prepared.split("train").with_format("numpy")["label"]
+    counts = np.bincount(labels, minlength=len(prepared.label_names))
+    assert counts.tolist() == prepared.class_counts("train")
+    present = np.flatnonzero(counts)
+    assert 2 <= len(present) < len(counts)  # the sample lacks some groups (Web, BruteForce)
+    assert counts[present].max() >= 10 * counts[present].min()  # and is imbalanced (DDoS vs Benign)
+    drawn = np.concatenate([global_batches(len(labels), 0, e, 8, labels=labels).ravel() for e in range(3)])
+    freq = np.bincount(labels[drawn], minlength=len(counts)) / len(drawn)
+    assert set(np.flatnonzero(freq)) == set(present)  # classes without rows are never drawn
+    np.testing.assert_allclose(freq[present], 1 / len(present), rtol=0.1)  # ~9,700 draws: sd ~2.3%
+    rows_of_rarest = np.flatnonzero(labels == present[np.argmin(counts[present])])
+    assert set(drawn[np.isin(drawn, rows_of_rarest)]) == set(rows_of_rarest)  # each of its rows is used
+
+
 def test_collate_right_pads_with_eos_to_a_multiple_and_truncates():
     b = collate([[5, 6, 7], [1] * 10], [2, 0], [11, 12], pad_token_id=50256, pad_to_multiple_of=8)
     assert b["input_ids"].shape == (2, 16)
@@ -98,6 +161,13 @@ def test_train_batches_on_prepared_data_resume_and_split_invariance(prepared_v2)
     full = rows(4, 1, 1, steps=5)
     assert rows(1, 4, 1) == full[:3] == rows(2, 1, 2)
     assert rows(4, 1, 1, start_step=2) == full[2:5]
+    cfg = DataConfig(group_by_length=True, sampler="balanced")
+    balanced = rows(4, 1, 1, steps=5)
+    assert balanced != full
+    assert rows(1, 4, 1) == balanced[:3] == rows(2, 1, 2)  # same contract as the shuffle
+    assert rows(2, 1, 2, start_step=2) == balanced[2:5]  # exact resume at step 2
+    assert balanced == [step.tolist() for step in global_batches(
+        len(train), 0, 1, 4, train["length"], train["label"])[:5]]
 
 
 def test_bad_dataset_dirs_are_data_errors(tmp_path, prepared_v2):

@@ -1,11 +1,12 @@
 """model.py: presets, sources, both heads, exact causal-lm scoring, tokenizer refusal, FLOPs."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from cic_gpt2.config import DataConfig, ModelConfig
-from cic_gpt2.data import read_batch
+from cic_gpt2.data import rank_micro_batches, read_batch
 from cic_gpt2.prepared import Prepared
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.perf import flops_per_token
@@ -28,9 +29,13 @@ def val_batch(prepared_v2, tok):
     return read_batch(prepared.split("val"), list(range(6)), tok, DataConfig())
 
 
-def build(tok, seed=0, **kw):
+def build(tok, seed=0, class_weights=None, **kw):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(**{"dropout": 0.0, **kw}), LABELS, tok)
+    return build_model(ModelConfig(**{"dropout": 0.0, **kw}), LABELS, tok, class_weights=class_weights)
+
+
+WEIGHTS = [0.5, 1.5, 2.0, 3.0, 0.25, 4.0, 0.0, 0.0]  # any positive weights; 0 for classes without rows
+SPLITS_OF_4 = [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)]  # micro, accum, world
 
 
 def test_presets_match_gpt2_shapes(tok):
@@ -121,6 +126,58 @@ def test_both_heads_learn_a_batch(tok, val_batch, head):
         m.eval()
         with torch.no_grad():
             assert (m(ids, mask).logits.argmax(1) == labels).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("head", ["seqcls", "causal-lm"])
+def test_weighted_loss_is_the_batch_mean_of_weight_times_loss(tok, val_batch, head):
+    ids, mask, labels = val_batch["input_ids"], val_batch["attention_mask"], val_batch["labels"]
+    m = build(tok, head=head, class_weights=WEIGHTS).eval()
+    with torch.no_grad():
+        scores = m(ids, mask).logits.float()
+        per_example = -(torch.log_softmax(scores, -1) if head == "seqcls" else scores)[range(len(labels)), labels]
+        want = sum(WEIGHTS[y] * loss for y, loss in zip(labels.tolist(), per_example.tolist())) / len(labels)
+        assert len(set(labels.tolist())) >= 3 and abs(want - per_example.mean().item()) > 0.01
+        assert m(ids, mask, labels).loss.item() == pytest.approx(want, rel=1e-5)
+    m.train()  # the training path (causal-lm: true answer only) weighs the same way
+    assert m(ids, mask, labels).loss.item() == pytest.approx(want, rel=1e-5)
+    plain = build(tok, head=head)
+    assert plain.state_dict().keys() == m.state_dict().keys()  # a non-persistent buffer: not in checkpoints
+    assert m.class_weights.tolist() == WEIGHTS and plain.class_weights is None
+
+
+@pytest.mark.parametrize("head", ["seqcls", "causal-lm"])
+def test_weighted_step_is_the_same_for_every_split_of_the_global_batch(prepared_v2, tok, head):
+    """What DeepSpeed does with each micro-batch's loss (backward of loss / (accum * world), gradients
+    summed over micro-batches and averaged over ranks) gives the same loss and gradients for micro 4 x accum 1,
+    1 x 4, 2 ranks x 2, ...: the weighted mean divides by the micro-batch size, a constant."""
+    val = Prepared.load(prepared_v2).split("val")
+    rows = [0, 1, 2, 3]
+    m = build(tok, head=head, class_weights=WEIGHTS).train()
+    results = {}
+    for micro, accum, world in SPLITS_OF_4:
+        m.zero_grad()
+        loss = 0.0
+        for rank in range(world):
+            for part in rank_micro_batches(np.asarray(rows), rank, world, accum):
+                b = read_batch(val, part, tok, DataConfig())
+                micro_loss = m(b["input_ids"], b["attention_mask"], b["labels"]).loss / (accum * world)
+                micro_loss.backward()
+                loss += micro_loss.item()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        results[micro, accum, world] = loss, grads
+    ref_loss, ref_grads = results[4, 1, 1]
+    for split, (loss, grads) in results.items():
+        assert loss == pytest.approx(ref_loss, rel=1e-5), split
+        assert (grads - ref_grads).abs().max() <= 1e-5 * ref_grads.abs().max(), split
+    # A per-micro-batch normaliser, sum(w * loss) / sum(w), would not be: with micro-batches of one row the
+    # weights cancel and the step is the unweighted mean.
+    with torch.no_grad():
+        m.eval()
+        b = read_batch(val, rows, tok, DataConfig())
+        scores = m(b["input_ids"], b["attention_mask"]).logits.float()
+        nll = -(torch.log_softmax(scores, -1) if head == "seqcls" else scores)[range(4), b["labels"]]
+        w = torch.tensor(WEIGHTS)[b["labels"]]
+        assert abs((w * nll).sum() / w.sum() - nll.mean()) > 1e-3
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tok, val_batch):

@@ -190,6 +190,25 @@ def test_same_global_batch_gives_the_same_losses(two_rank_run, prepared_v2, tmp_
 
 
 @pytest.mark.slow
+def test_class_weights_and_balanced_sampler_on_two_ranks_equal_one_rank_accumulating(prepared_v2, tmp_path):
+    """train.class_weights=balanced with data.sampler=balanced: a 2-process gloo run finishes, and one process
+    with micro 1 x accumulation 4 sees the same global batches and gives the same (weighted) losses."""
+    imbalance = ["train.class_weights=balanced", "data.sampler=balanced", "checkpoint.export=false"]
+    two, one = tmp_path / "two_ranks", tmp_path / "one_rank"
+    torchrun(2, "--data", prepared_v2, "--run-dir", two, *COMMON, *imbalance, "train.micro_batch_size=2")
+    train_single("--data", prepared_v2, "--run-dir", one, *COMMON, *imbalance, "train.micro_batch_size=1",
+                 "train.grad_accum=4")
+    got, reference = losses(one), losses(two)
+    assert sorted(reference) == list(range(1, STEPS + 1)) and sorted(got) == sorted(reference)
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
+    summary = json.loads((two / "metrics.json").read_text())
+    assert summary["test"]["n"] == json.loads((prepared_v2 / "manifest.json").read_text())["splits"]["test"]["rows"]
+    resolved = (two / "config.yaml").read_text()
+    assert "class_weights: balanced" in resolved and "sampler: balanced" in resolved
+
+
+@pytest.mark.slow
 def test_one_rank_evaluation_of_two_rank_weights_is_identical(two_rank_run, prepared_v2, tmp_path):
     """One process loads the 2-rank final checkpoint (resharded through DeepSpeed's universal format; global
     batch kept at 4 via grad_accum 2) and evaluates without training: same predictions, same metrics."""

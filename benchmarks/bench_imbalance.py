@@ -1,0 +1,193 @@
+"""Class imbalance: no correction vs `train.class_weights=balanced` vs `data.sampler=balanced`, on real rows.
+
+    python benchmarks/bench_imbalance.py                        # 20,000 rows, 3 epochs, 2 processes
+    python benchmarks/bench_imbalance.py --rows 10000 --epochs 2 --nproc 1 --variants none,weights
+
+Builds a CSV whose classes follow the published per-class row counts of the full CICIoT2023 CSV release
+(`PUBLISHED_ROWS`, 46,686,579 rows; source in docs/training.md, "Imbalance") by resampling, WITH
+REPLACEMENT, the 4,050 real rows of the bundled merged-schema sample: rows are duplicated (a majority class
+repeats each of its few distinct rows hundreds of times). Of the 34 classes the sample has 27; the Web group
+and DictionaryBruteForce are absent, so the 8-class data has 6 groups, DDoS : Recon ~ 96 : 1. Every class
+keeps at least --min-rows rows.
+
+Duplicates must not leak from train into val/test: the distinct row texts (the compact template, what the
+model reads) are divided between the splits first, per class, and each CSV slot is filled from the pool of
+the split that `prepare`'s own seeded split (`prepare.assign_splits`) will put it in. After
+`python -m cic_gpt2 prepare --classes 8` the script checks that the splits came out as planned and that no
+val/test text occurs in train. Then it trains the tiny preset once per variant (same seed, same steps) with
+`torchrun ... -m cic_gpt2 train` and prints test macro-F1, accuracy and the recall of the minority classes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "cic_gpt2" / "data" / "ciciot2023_v2_39feat_robotumbel_sample.csv"
+SPLIT = (0.8, 0.1, 0.1)
+
+# Rows per class in the full CICIoT2023 CSV release (Neto et al., Sensors 2023; 46,686,579 rows in all),
+# under cic_gpt2.schema's class names (the release's `BenignTraffic` is `Benign`).
+PUBLISHED_ROWS = {
+    "Benign": 1_098_195,
+    "DDoS-ACK_Fragmentation": 285_104, "DDoS-HTTP_Flood": 28_790, "DDoS-ICMP_Flood": 7_200_504,
+    "DDoS-ICMP_Fragmentation": 452_489, "DDoS-PSHACK_Flood": 4_094_755, "DDoS-RSTFINFlood": 4_045_285,
+    "DDoS-SlowLoris": 23_426, "DDoS-SYN_Flood": 4_059_190, "DDoS-SynonymousIP_Flood": 3_598_138,
+    "DDoS-TCP_Flood": 4_497_667, "DDoS-UDP_Flood": 5_412_287, "DDoS-UDP_Fragmentation": 286_925,
+    "DoS-HTTP_Flood": 71_864, "DoS-SYN_Flood": 2_028_834, "DoS-TCP_Flood": 2_671_445, "DoS-UDP_Flood": 3_318_595,
+    "Mirai-greeth_flood": 991_866, "Mirai-greip_flood": 751_682, "Mirai-udpplain": 890_576,
+    "Recon-HostDiscovery": 134_378, "Recon-OSScan": 98_259, "Recon-PingSweep": 2_262, "Recon-PortScan": 82_284,
+    "VulnerabilityScan": 37_382,
+    "DNS_Spoofing": 178_911, "MITM-ArpSpoofing": 307_593,
+    "Backdoor_Malware": 3_218, "BrowserHijacking": 5_859, "CommandInjection": 5_409, "SqlInjection": 5_245,
+    "Uploading_Attack": 1_252, "XSS": 3_846,
+    "DictionaryBruteForce": 13_064,
+}
+
+# The demo's settings (cic_gpt2/demo.py), no evaluation before the end, no checkpoints or export.
+TRAIN_OVERRIDES = ["model.name=tiny", "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=30",
+                   "train.schedule=cosine", "train.eval_every=0", "log.log_every=50", "log.progress=false",
+                   "log.tensorboard=false", "checkpoint.every_steps=0", "checkpoint.export=false"]
+VARIANTS = {
+    "none": [],
+    "weights": ["train.class_weights=balanced"],
+    "sqrt": ["train.class_weights=sqrt"],
+    "sampler": ["data.sampler=balanced"],
+}
+
+
+def build_csv(path: Path, rows: int, min_rows: int, seed: int) -> dict:
+    """Write the imbalanced CSV; return {class: rows} and the planned split of every data row."""
+    import pandas as pd
+
+    from cic_gpt2 import schema, templates
+    from cic_gpt2.prepare import assign_splits
+
+    lines = SAMPLE.read_bytes().split(b"\r\n")
+    header, data = lines[0], [line for line in lines[1:] if line]
+    df = pd.read_csv(SAMPLE)
+    assert len(df) == len(data), "one CSV line per data row"
+    raw = np.array([schema.map_label(v, "34") for v in df["Label"]])
+    features = list(schema.FEATURES_BY_FORMAT["v2"])
+    texts = np.array(templates.render("compact", df[features].to_numpy(np.float64), features).to_pylist())
+    rng = np.random.default_rng(seed)
+
+    # Distinct texts -> one split each, stratified by class (a text shared by two classes goes with the first).
+    split_of_text: dict[str, int] = {}
+    present = sorted(set(raw), key=list(PUBLISHED_ROWS).index)
+    for cls in present:
+        own = [t for t in dict.fromkeys(texts[raw == cls]) if t not in split_of_text]
+        own = [own[i] for i in rng.permutation(len(own))]
+        n_val, n_test = max(1, round(len(own) * SPLIT[1])), max(1, round(len(own) * SPLIT[2]))
+        for k, t in enumerate(own):
+            split_of_text[t] = 1 if k < n_val else 2 if k < n_val + n_test else 0
+    text_split = np.array([split_of_text[t] for t in texts])
+    pools = {(c, s): np.flatnonzero((raw == c) & (text_split == s)) for c in present for s in range(3)}
+    empty = [k for k, v in pools.items() if len(v) == 0]
+    if empty:
+        raise SystemExit(f"no distinct rows left for (class, split) {empty}: lower --min-rows or change --seed")
+
+    total = sum(PUBLISHED_ROWS[c] for c in present)
+    target = {c: max(min_rows, round(rows * PUBLISHED_ROWS[c] / total)) for c in present}
+    slot_class = np.repeat(present, [target[c] for c in present])[rng.permutation(sum(target.values()))]
+    groups = list(schema.label_names("8"))
+    slot_group = np.array([groups.index(schema.map_label(c, "8")) for c in slot_class])
+    planned = assign_splits(slot_group, len(groups), SPLIT, seed, None, set())  # what prepare --seed will do
+    source = np.array([rng.choice(pools[c, s]) for c, s in zip(slot_class, planned)])
+    with open(path, "wb") as f:
+        f.write(header + b"\r\n" + b"\r\n".join(data[i] for i in source) + b"\r\n")
+    return {"rows": target, "planned": planned, "distinct": {c: int(len(set(texts[raw == c]))) for c in present}}
+
+
+def check_prepared(prepared_dir: Path, planned: np.ndarray) -> dict:
+    """The splits are the planned ones and share no text; returns rows per group per split."""
+    from cic_gpt2.prepared import Prepared
+
+    prepared = Prepared.load(prepared_dir)
+    seen = {}
+    for code, split in enumerate(("train", "val", "test")):
+        table = prepared.table(split)
+        row_ids = np.sort(table.column("row_id").to_numpy())
+        if not np.array_equal(row_ids, np.flatnonzero(planned == code)):
+            raise SystemExit(f"prepare split {split} differs from the planned one: has prepare's split changed?")
+        seen[split] = {tuple(r) for r in table.column("input_ids").to_pylist()}
+    for split in ("val", "test"):
+        shared = seen[split] & seen["train"]
+        if shared:
+            raise SystemExit(f"{len(shared)} {split} texts also occur in train")
+    return {s: prepared.manifest["splits"][s]["class_counts"] for s in ("train", "val", "test")}
+
+
+def train(prepared_dir: Path, run_dir: Path, nproc: int, epochs: float, seed: int, extra: list[str]) -> float:
+    from cic_gpt2.files import free_port
+
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                 "127.0.0.1", "--master_port", str(free_port())] if nproc > 1 else [sys.executable])
+    cmd = [*launcher, "-m", "cic_gpt2", "train", "--data", str(prepared_dir), "--run-dir", str(run_dir),
+           *TRAIN_OVERRIDES, f"train.epochs={epochs}", f"train.seed={seed}", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=20_000, help="rows of the imbalanced CSV (before the floor)")
+    p.add_argument("--min-rows", type=int, default=20, help="at least this many rows per class")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--nproc", type=int, default=2, help="training processes (1: no launcher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resample, the split and training")
+    p.add_argument("--variants", default="none,weights,sampler", help=f"comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--out-dir", default="bench_imbalance_out")
+    args = p.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "imbalanced.csv"
+    built = build_csv(csv, args.rows, args.min_rows, args.seed)
+    prepared_dir = out / "prepared"
+    subprocess.run([sys.executable, "-m", "cic_gpt2", "prepare", str(csv), "--output", str(prepared_dir),
+                    "--classes", "8", "--seed", str(args.seed), "--overwrite"], check=True, capture_output=True)
+    counts = check_prepared(prepared_dir, built["planned"])
+    present = [g for g, n in counts["train"].items() if n]
+    minority = sorted(present, key=lambda g: counts["train"][g])[:3]
+    print(f"{csv}: {sum(built['rows'].values()):,} rows resampled with replacement from "
+          f"{sum(built['distinct'].values()):,} distinct real rows (texts); no val/test text occurs in train")
+    print("rows per class (train/val/test): " + ", ".join(
+        f"{g} {counts['train'][g]}/{counts['val'][g]}/{counts['test'][g]}" for g in present))
+
+    results = []
+    for name in variants:
+        run_dir = out / f"run-{name}"
+        elapsed = train(prepared_dir, run_dir, args.nproc, args.epochs, args.seed, VARIANTS[name])
+        test = json.loads((run_dir / "metrics.json").read_text())["test"]
+        results.append((name, test, elapsed))
+
+    print(f"\ntest split, tiny GPT-2, {args.epochs:g} epochs, {args.nproc} process(es), seed {args.seed}")
+    head = ["variant", "macro-F1", "accuracy", "macro recall"] + [f"recall {g}" for g in minority] + ["train s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name, test, elapsed in results:
+        cells = [" ".join(VARIANTS[name]) or "none", f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}",
+                 f"{test['macro_recall']:.3f}"] + [f"{test['per_class'][g]['recall']:.3f}" for g in minority]
+        print("| " + " | ".join(cells + [f"{elapsed:.0f}"]) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
