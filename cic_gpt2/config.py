@@ -21,9 +21,7 @@ import yaml
 from cic_gpt2.errors import ConfigError
 
 
-# --------------------------------------------------------------------------------------------------
-# Concerns
-# --------------------------------------------------------------------------------------------------
+# ==================== Concerns
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
@@ -190,9 +188,7 @@ class RunConfig:
     """Process-group settings."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Documentation, generated from the dataclasses above (`cic-gpt2 train --help`)
-# --------------------------------------------------------------------------------------------------
+# ==================== Documentation, generated from the dataclasses above (`cic-gpt2 train --help`)
 @dataclass(frozen=True)
 class KeyDoc:
     key: str
@@ -274,9 +270,7 @@ def config_help(cls: type = RunConfig, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
-# Machinery (generic over any nested frozen dataclass)
-# --------------------------------------------------------------------------------------------------
+# ==================== Machinery (generic over any nested frozen dataclass)
 T = typing.TypeVar("T")
 
 
