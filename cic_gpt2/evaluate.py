@@ -58,6 +58,7 @@ class EvalRows:
     row_ids: np.ndarray  # int64
     source: str  # for reports: "DIR (split test)" or the CSV paths
     dropped: dict  # raw CSVs: prepare's drop reason -> rows
+    hashes: np.ndarray | None = None  # raw CSVs: each row's feature-vector hash (encode.feature_hashes)
 
 
 def load_prepared_rows(prepared: Prepared, split: str, model_manifest: dict) -> EvalRows:
@@ -75,16 +76,18 @@ def load_csv_rows(paths: list[str], model_manifest: dict, tokenizer, unknown_lab
         if not check_format(path, model_manifest, require_label=False):
             raise DataError(f"{path}: no label column ({model_manifest.get('label_column')!r} or 'label'); evaluate "
                             f"needs true labels: use `cic-gpt2 predict` for unlabeled flows")
-    input_ids, labels, row_ids, dropped = [], [], [], Counter()
+    input_ids, labels, row_ids, hashes, dropped = [], [], [], [], Counter()
     for chunk in encode_csvs(paths, model_manifest, tokenizer, require_label=True, unknown_labels=unknown_labels):
         input_ids.append(chunk.input_ids)
         labels.append(chunk.labels.astype(np.int64))
         row_ids.append(chunk.row_ids)
+        hashes.append(chunk.hashes)
         dropped.update(chunk.dropped_reasons)
     if not input_ids or sum(len(a) for a in input_ids) == 0:
         raise DataError(f"no usable rows in {', '.join(paths)} (dropped: {dict(dropped)})")
     return EvalRows(input_ids=pa.chunked_array(input_ids), labels=np.concatenate(labels),
-                    row_ids=np.concatenate(row_ids), source=", ".join(paths), dropped=dict(sorted(dropped.items())))
+                    row_ids=np.concatenate(row_ids), source=", ".join(paths), dropped=dict(sorted(dropped.items())),
+                    hashes=np.concatenate(hashes))
 
 
 # ================================================================================================ report
@@ -193,6 +196,13 @@ def main(args: argparse.Namespace) -> int:
     run_info = {"model": str(Path(args.model).resolve()), "data": rows.source, "split": split,
                 "dropped": rows.dropped, "world_size": info.world_size, "device": str(device),
                 "micro_batch_size": args.micro_batch_size, "seconds": round(time.perf_counter() - t0, 3)}
+    membership = export.membership() if rows.hashes is not None else None
+    if membership is not None:  # raw CSVs: are these flows new to the model?
+        seen = int(membership.contains(rows.hashes).sum())
+        run_info["seen_in_training"] = {"rows": seen, "of": int(len(rows.hashes)), "fp_rate": membership.fp_rate}
+        print(f"evaluate: {seen:,} of {len(rows.hashes):,} evaluated rows have a feature vector that was in the "
+              f"model's training split ({membership.kind} set, false-positive rate {membership.fp_rate:.2g})",
+              file=sys.stderr)
     write_report(out, metrics, rows, scores, label_names, run_info, title)
     print(metrics_markdown(metrics, title), end="")
     if rows.dropped:

@@ -20,11 +20,12 @@ from cic_gpt2.files import replace_dir, temp_path, write_text
 META_FILE = "cic_gpt2.json"
 MANIFEST_FILE = "data_manifest.json"
 RUN_CONFIG_FILE = "run_config.yaml"
+MEMBERSHIP_FILE = "train_membership.npz"
 EXPORT_FORMAT = 1
 
 
 def export_hf(classifier, out_dir: str | Path, tokenizer, manifest: dict, run_config: Optional[dict] = None,
-              ds_config: Optional[dict] = None) -> Path:
+              ds_config: Optional[dict] = None, membership=None) -> Path:
     """Write `classifier` as a Hugging Face model directory at `out_dir` (replaced atomically). The weights
     are saved in fp32 (a copy when the live model is fp16/bf16: the engine's module is not touched)."""
     import torch
@@ -60,6 +61,8 @@ def export_hf(classifier, out_dir: str | Path, tokenizer, manifest: dict, run_co
             write_text(tmp / RUN_CONFIG_FILE, yaml.safe_dump(run_config, sort_keys=False))
         if ds_config is not None:
             write_text(tmp / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+        if membership is not None:  # the training split's feature vectors (membership.Membership)
+            membership.save(tmp / MEMBERSHIP_FILE)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,6 +113,13 @@ class Export:
         model = self.run_config.get("model") or {}
         name = Path(str(model.get("name") or self.path.resolve().name)).name
         return f"GPT-2 {name} ({model['head']})" if model.get("head") else f"GPT-2 {name}"
+
+    def membership(self):
+        """The training split's feature-vector set (`membership.Membership`), None for an export without one."""
+        from cic_gpt2.membership import Membership
+
+        path = self.path / MEMBERSHIP_FILE
+        return Membership.load(path) if path.is_file() else None
 
     def load(self, device="cpu"):
         """(classifier in eval mode on `device`, tokenizer)."""

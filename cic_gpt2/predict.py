@@ -100,7 +100,8 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
                 chunk_rows: int = DEFAULT_CHUNK_ROWS, device: str = "auto", overwrite: bool = False,
                 progress: bool = True, loaded=None) -> dict:
     """Write the predictions CSV (docs/predict.md). Returns a summary: {rows, predicted, not_predicted
-    {status: n}, seconds, flows_per_s}. `loaded` reuses a `(classifier, tokenizer)` from `Export.load`."""
+    {status: n}, seconds, flows_per_s, seen_in_training (rows whose feature vector was in the model's
+    training split; None when the export carries no training set)}. `loaded` reuses a `(classifier, tokenizer)` from `Export.load`."""
     from tqdm.auto import tqdm
 
     from cic_gpt2.encode import check_format, encode_csvs, expand_inputs
@@ -129,6 +130,7 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
 
     not_predicted: Counter = Counter()
     rows = 0
+    membership, seen = export.membership(), 0
     t0 = time.perf_counter()
     bar = tqdm(unit=" flows", unit_scale=True, desc="predict", dynamic_ncols=True, file=sys.stderr,
                disable=not progress)
@@ -150,13 +152,16 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
                 frame.to_csv(f, header=False, index=False, columns=columns, float_format="%.6g", lineterminator="\n")
                 not_predicted.update(s for s in frame["status"] if s != STATUS_OK)
                 rows += chunk.rows_read
+                if membership is not None:
+                    seen += int(membership.contains(chunk.hashes).sum())
                 bar.update(chunk.rows_read - int(fits.sum()))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     return {"rows": rows, "predicted": rows - sum(not_predicted.values()),
             "not_predicted": dict(sorted(not_predicted.items())), "seconds": seconds,
-            "flows_per_s": rows / max(seconds, 1e-9), "output": str(out)}
+            "flows_per_s": rows / max(seconds, 1e-9), "output": str(out),
+            "seen_in_training": seen if membership is not None else None}
 
 
 def _csv_quote(text: str) -> str:
@@ -173,4 +178,7 @@ def main(args: argparse.Namespace) -> int:
         listed = ", ".join(f"{reason} {n:,}" for reason, n in summary["not_predicted"].items())
         print(f"predict: {sum(summary['not_predicted'].values()):,} row(s) without a prediction ({listed}); "
               f"they are in {summary['output']} with that status and an empty predicted_label", file=sys.stderr)
+    if summary["seen_in_training"]:
+        print(f"predict: {summary['seen_in_training']:,} row(s) have a feature vector that was in the model's "
+              f"training split: they are not new data", file=sys.stderr)
     return 0

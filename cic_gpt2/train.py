@@ -104,9 +104,20 @@ def finish(trainer) -> None:
     write_plots(run_dir, test, trainer.label_names, selected_step)
     if cfg.checkpoint.export:
         export_hf(trainer.engine.module, run_dir / "export", trainer.tokenizer, trainer.prepared.manifest, to_dict(cfg),
-                  json.loads(trainer.checkpointer.side_files["ds_config.json"]))
+                  json.loads(trainer.checkpointer.side_files["ds_config.json"]), training_membership(trainer.prepared))
     trainer.say(metrics_markdown(test, title=f"test split, model of step {selected_step} of {trainer.step}")
                 + f"\nrun dir: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tb'})")
+
+
+def training_membership(prepared):
+    """The train split's vector set for the export (None for data prepared before train_hashes.npy existed)."""
+    from cic_gpt2.errors import DataError
+    from cic_gpt2.membership import Membership
+
+    try:
+        return Membership.build(prepared.train_hashes())
+    except DataError:
+        return None
 
 
 def write_plots(run_dir: Path, test_metrics: dict, label_names: list[str], step: int) -> None:

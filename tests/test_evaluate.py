@@ -44,7 +44,11 @@ def build_tiny_export(root: Path, prepared_dir: Path) -> Path:
     cfg = dataclasses.replace(RunConfig(), model=ModelConfig(name="tiny", dropout=0.0))
     torch.manual_seed(0)
     classifier = build_model(cfg.model, manifest["label_names"], tokenizer)
-    export_hf(classifier, out, tokenizer, manifest, to_dict(cfg), None)
+    from cic_gpt2.membership import Membership
+    from cic_gpt2.prepared import Prepared
+
+    export_hf(classifier, out, tokenizer, manifest, to_dict(cfg), None,
+              Membership.build(Prepared.load(prepared_dir).train_hashes()))  # as train's export does
     return out
 
 

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -159,3 +161,21 @@ def test_input_of_another_csv_format_is_refused_by_name(tiny_export, sample_v1, 
     assert run_cli("evaluate", "--model", tiny_export, "--data", sample_v1, "--output", tmp_path / "e") == 2
     assert "a v1 CSV" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "e").exists()
+
+
+def test_rows_seen_in_training_are_counted(tiny_export, prepared_v2, tmp_path, capsys):
+    """The export carries the training split's feature vectors: test-split rows (leak-free split) are new,
+    training rows are not, and evaluate reports the same count."""
+    from cic_gpt2.predict import predict_csv
+
+    test_rows, train_rows = split_row_ids(prepared_v2, "test"), split_row_ids(prepared_v2, "train")[:200]
+    test_csv = write_source_rows(test_rows, tmp_path / "test.csv")
+    train_csv = write_source_rows(train_rows, tmp_path / "train.csv")
+    assert predict_csv(tiny_export, test_csv, tmp_path / "p1.csv", progress=False)["seen_in_training"] == 0
+    assert predict_csv(tiny_export, train_csv, tmp_path / "p2.csv", progress=False)["seen_in_training"] == 200
+    assert run_cli("evaluate", "--model", tiny_export, "--data", train_csv, "--output", tmp_path / "e",
+                   "--no-progress") == 0
+    assert "200 of 200 evaluated rows have a feature vector that was in the model's training split" in \
+        capsys.readouterr().err
+    seen = json.loads((tmp_path / "e" / "metrics.json").read_text())["seen_in_training"]
+    assert seen["rows"] == 200 and seen["of"] == 200
