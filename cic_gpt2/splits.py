@@ -230,8 +230,7 @@ def split_rows(labels: np.ndarray, hashes: np.ndarray, names: list[str], ratios,
         return code, stats
     small = _small_classes(labels, names, ratios, small_classes, split_text)
     if mode == "none" or max_per_class is not None:
-        if mode == "group":
-            del groups
+        del groups  # not needed any more (group mode regroups the kept rows): frees ~14 bytes per row
         code[:] = assign_splits(labels, num_classes, ratios, seed, max_per_class, small)
     else:  # group, no cap: every row of a class big enough is split
         code[:] = 0

@@ -180,7 +180,7 @@ def test_bad_requests_are_one_line_errors(tiny_export, prepared_v2, tmp_path, ca
 @pytest.mark.slow
 def test_one_and_two_processes_give_identical_numbers(evaluated, tiny_export, prepared_v2, tmp_path):
     out = tmp_path / "two"
-    # 405 test rows = 13 micro-batches of 32 over 2 ranks: uneven slices, so the gather pads and drops filler rows.
+    # 392 test rows (prepare --dedup group) = 13 micro-batches of 32 over 2 ranks: uneven slices, so the gather pads and drops filler rows.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "cic_gpt2", "evaluate", "--model", str(tiny_export),
            "--data", str(prepared_v2), "--output", str(out), "--micro-batch-size", "32", "--no-progress"]
