@@ -131,9 +131,10 @@ def bench_head(work: Path, prepared: Path, args, head: str) -> dict:
 
     device = torch.device(args.device)
     export = build_export(work, prepared, args.preset, head)
-    loaded = Export.open(export).load(device)
+    opened = Export.open(export)
+    loaded = opened.load(device)
     classifier, tokenizer = loaded
-    manifest, label_names, context = Export.open(export).manifest, Export.open(export).label_names, classifier.max_row_tokens
+    manifest, label_names, context = opened.manifest, opened.label_names, classifier.max_row_tokens
 
     # predict, end to end (warm-up on 256 rows first: first-call allocations are not throughput)
     warm = work / "warm.csv"

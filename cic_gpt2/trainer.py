@@ -298,7 +298,7 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         "run_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
         "data_manifest.json": json.dumps(prepared.manifest, indent=2) + "\n",
     })
-    ds_dict = checkpointer.engine_config(ds_dict)
+    ds_dict = checkpointer.engine_config(ds_dict)  # what the engine runs with; export stores it too
     checkpointer.side_files["ds_config.json"] = json.dumps(ds_dict, indent=2) + "\n"
     torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     classifier = build_model(cfg.model, prepared.label_names, tokenizer, class_weights=class_weights(
