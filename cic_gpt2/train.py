@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from cic_gpt2 import dist
-from cic_gpt2.config import RunConfig, config_help, load_config, to_dict
+from cic_gpt2.config import RunConfig, load_config, to_dict
+from cic_gpt2.config_doc import config_help
 from cic_gpt2.errors import ConfigError
 from cic_gpt2.files import write_text
 

@@ -33,7 +33,7 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_train_help_lists_every_config_key_with_type_and_default(capsys):
-    from cic_gpt2.config import config_keys
+    from cic_gpt2.config_doc import config_keys
 
     try:
         main(["train", "--help"])

@@ -6,7 +6,8 @@ from typing import Optional
 
 import pytest
 
-from cic_gpt2.config import RunConfig, config_help, config_keys, load_config, parse_overrides, save_config, to_dict
+from cic_gpt2.config import RunConfig, load_config, parse_overrides, save_config, to_dict
+from cic_gpt2.config_doc import config_help, config_keys
 from cic_gpt2.errors import ConfigError
 
 
