@@ -85,7 +85,7 @@ def finish(trainer) -> None:
     if trainer.selecting:
         trainer.select("val")  # the last step is a candidate too
         best = trainer.best
-        selection = {"metric": "val/macro_f1", "rows": int(len(trainer.val_rows)), "step": best.best_step,
+        selection = {"metric": "val/macro_f1", "rows": trainer.periodic_val_rows, "step": best.best_step,
                      "value": best.best_value, "stopped_early": best.should_stop}
     trainer.save()
     selected_step = selection["step"] if selection else trainer.step

@@ -159,8 +159,9 @@ class Trainer:
         self.skips = SkipGuard(tr.max_skipped_steps, skipped_steps)
         self.selecting = bool(tr.eval_every and tr.select_best)
         self.best = BestTracker(tr.patience, **(best or {}))
-        val_labels = prepared.table("val").column("label").to_numpy()
-        self.val_rows = stratified_subset(val_labels, tr.eval_max_rows, tr.seed)  # periodic validation's rows
+        # Periodic validation's rows: the whole split (None) unless train.eval_max_rows asks for a subset.
+        self.val_rows = (stratified_subset(prepared.table("val").column("label").to_numpy(), tr.eval_max_rows, tr.seed)
+                         if tr.eval_every and tr.eval_max_rows else None)
         self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              disable=not (self.is_main and cfg.log.progress))
         self._epoch_batches = None
@@ -218,6 +219,11 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         self.logger.log(metrics, self.step)
         self.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}", refresh=False)
+
+    @property
+    def periodic_val_rows(self) -> int:
+        """How many validation rows periodic validation scores."""
+        return len(self.val_rows) if self.val_rows is not None else self.prepared.table("val").num_rows
 
     def select(self, split: str = "val") -> None:
         """Periodic validation on the fixed subset; with selection, a new best is checkpointed at once."""
