@@ -111,9 +111,10 @@ def activation_bytes(case: MemoryCase) -> float:
 
 
 def estimate(case: MemoryCase, stage: int, offload: bool, gpu_mem_gib: float, reduce_bucket_size: float = 5e8,
-             overlap_comm: bool = True, label: str = "") -> MemoryEstimate:
+             overlap_comm: bool = True, label: str = "", fp32_grad_accum: bool = False) -> MemoryEstimate:
     """Per-GPU memory of `case` under ZeRO `stage` (0, 1, 2), optimizer offload on/off, for a card of
-    `gpu_mem_gib`. The model: docs/performance.md."""
+    `gpu_mem_gib`; `fp32_grad_accum` (ds_config `data_types.grad_accum_dtype: fp32`) keeps the accumulated
+    gradients in 4 bytes a parameter. The model: docs/performance.md."""
     if stage not in (0, 1, 2):
         raise ConfigError(f"ZeRO stage {stage} is not estimated here (0, 1 or 2)")
     if offload and stage == 0:
@@ -123,7 +124,7 @@ def estimate(case: MemoryCase, stage: int, offload: bool, gpu_mem_gib: float, re
     weight = 2.0 if mixed else 4.0
     opt_per_param = 12.0 if mixed else 8.0  # fp32 master + Adam m + v, or just m + v in fp32
     params_b = weight * psi
-    grads_b = weight * psi / (n if stage == 2 else 1)
+    grads_b = (4.0 if fp32_grad_accum else weight) * psi / (n if stage == 2 else 1)
     opt_b = opt_per_param * psi / (n if stage >= 1 else 1)
     transient_b = (4.0 * psi / (n if stage >= 1 else 1)) if mixed else 0.0
     buckets_b = 0.0 if stage == 0 else weight * reduce_bucket_size * (2 if overlap_comm else 1)
@@ -169,6 +170,7 @@ def estimate_ds_configs(case: MemoryCase, gpu_mem_gib: float) -> list[tuple[str,
             zero["stage"], offload, gpu_mem_gib,
             reduce_bucket_size=float(zero.get("reduce_bucket_size", 5e8)),
             overlap_comm=bool(zero.get("overlap_comm", False)), label=name,
+            fp32_grad_accum=ds.get("data_types", {}).get("grad_accum_dtype") == "fp32",
         )
         rows.append((name, precision, est))
     return rows

@@ -52,7 +52,11 @@ def build_engine(cfg: RunConfig, classifier, ds_dict: dict, total_steps: int):
 
 
 class SkipGuard:
-    """Counts fp16 overflow-skipped optimizer steps and stops the run after `limit` in a row (pure)."""
+    """Counts fp16 overflow-skipped optimizer steps and stops the run after `limit` in a row (pure). DeepSpeed's
+    own scaler raises a bare Exception on an overflow at the minimum loss scale (the 18th in a row with the
+    shipped zero2_fp16.json, before the default limit of 50): `stopped` turns that into the same advice."""
+
+    MIN_SCALE_ERROR = "loss scale already at minimum"
 
     def __init__(self, limit: int, total: int = 0):
         self.limit, self.total, self.in_a_row = limit, total, 0
@@ -61,11 +65,27 @@ class SkipGuard:
         self.total += skipped
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.in_a_row >= self.limit:
-            raise TrainingStopped(
-                f"{self.in_a_row} optimizer steps in a row were skipped for fp16 overflow (step {step}, loss scale "
-                f"{loss_scale:g}): the gradients overflow even at the minimum loss scale. Lower train.lr, keep "
-                f"train.grad_clip > 0, use train.precision=bf16 on A100/H100 or fp32, or raise "
-                f"train.max_skipped_steps to keep trying")
+            raise self.stopped(f"{self.in_a_row} optimizer steps in a row were skipped", step, loss_scale)
+
+    @staticmethod
+    def stopped(what: str, step: int, loss_scale: float) -> TrainingStopped:
+        return TrainingStopped(
+            f"{what} for fp16 overflow (step {step}, loss scale {loss_scale:g}): the gradients overflow even at "
+            f"the minimum loss scale. Lower train.lr, keep train.grad_clip > 0, use train.precision=bf16 on "
+            f"A100/H100 or fp32, or raise train.max_skipped_steps (and lower fp16.min_loss_scale in the ds_config) "
+            f"to keep trying")
+
+    @classmethod
+    def engine_step(cls, engine, step: int, loss_scale: float) -> None:
+        """`engine.step()`, with DeepSpeed's minimum-loss-scale exception (raised on every rank alike: the
+        overflow flag is all-reduced) converted to `stopped`'s one-line advice."""
+        try:
+            engine.step()
+        except Exception as e:  # DeepSpeed raises a bare Exception here
+            if cls.MIN_SCALE_ERROR not in str(e):
+                raise
+            raise cls.stopped("DeepSpeed stopped the run: a step was skipped at the minimum loss scale",
+                              step, loss_scale) from None
 
 
 class BestTracker:
@@ -138,8 +158,6 @@ class Trainer:
                  skipped_steps: int = 0, best: Optional[dict] = None):
         from tqdm.auto import tqdm
 
-        from cic_gpt2.ds_config import lr_ratio
-
         self.cfg, self.info, self.engine, self.classifier = cfg, info, engine, classifier
         self.tokenizer, self.prepared, self.label_names = tokenizer, prepared, prepared.label_names
         self.checkpointer, self.logger, self.watcher = checkpointer, logger, watcher
@@ -150,7 +168,6 @@ class Trainer:
         self.train_split = prepared.split("train")
         self.steps_per_epoch = len(self.train_split) // self.global_batch_size
         self.precision = perf.precision_name(engine)
-        self.lr_at = lambda step: tr.lr * lr_ratio(step, total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)
         lengths = self.train_split["length"]
         seq_len = int(min(sum(lengths) / max(len(lengths), 1), cfg.data.max_length or math.inf)) or 1
         self.window = MetricsWindow(self.device, info.world_size,
@@ -198,7 +215,7 @@ class Trainer:
             inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
             loss = self.engine(**inputs).loss
             self.engine.backward(loss)
-            self.engine.step()
+            SkipGuard.engine_step(self.engine, self.step + 1, self.loss_scale())
             self.window.add(loss, batch["attention_mask"])
         self.step += 1
         # DeepSpeed's fp16 overflow check already synced on the host; reading the counter costs nothing more.
@@ -208,7 +225,7 @@ class Trainer:
     def log_train_metrics(self) -> None:
         metrics = self.window.summarize()
         metrics.update({
-            "train/lr": self.lr_at(self.step - 1),
+            "train/lr": float(self.engine.get_lr()[0]),  # the engine's: fp16-skipped steps do not advance it
             "train/loss_scale": self.loss_scale(),
             "train/skipped_steps": self.skips.total,
             "train/epoch": self.step / self.steps_per_epoch,

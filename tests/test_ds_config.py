@@ -119,3 +119,65 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     linear = [dsc.lr_ratio(s, total, 0, "linear", 0.0) for s in range(total)]
     assert linear[0] == 1.0 and linear[-1] == pytest.approx(0.0)
     assert {dsc.lr_ratio(s, total, 2, "constant", 0.1) for s in range(2, total)} == {1.0}
+
+
+SIXTEEN_BIT = ("zero2_fp16", "zero2_fp16_offload", "zero2_bf16", "zero2_cpu_bf16")
+
+
+@pytest.mark.parametrize("name", SIXTEEN_BIT)
+def test_sixteen_bit_configs_accumulate_gradients_in_fp32(name):
+    """ZeRO-2 would otherwise accumulate (and reduce) gradients in fp16/bf16; DeepSpeed's own parser takes it."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig, DtypeEnum
+
+    ds = dsc.load_ds_json(dsc.CONFIG_DIR / f"{name}.json")
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    parsed = DeepSpeedConfig(dict(ds, train_batch_size=1, train_micro_batch_size_per_gpu=1,
+                                  gradient_accumulation_steps=1))
+    assert parsed.grad_accum_dtype is not None and parsed.zero_optimization_stage == 2
+    assert DtypeEnum(parsed.grad_accum_dtype).value == torch.float32
+
+
+def test_gpu_bf16_buckets_stay_under_one_gigabyte():
+    """reduce_bucket_size x 2 bytes, double-buffered with overlap_comm: 5e8 was 2.0 GB of buckets."""
+    zero = dsc.load_ds_json(dsc.CONFIG_DIR / "zero2_bf16.json")["zero_optimization"]
+    assert zero["overlap_comm"] and zero["reduce_bucket_size"] * 2 * 2 <= 0.8e9
+
+
+@pytest.mark.parametrize("name", ("zero2_fp16", "zero2_fp16_offload"))
+def test_shipped_fp16_scalers_stop_at_the_18th_overflow_and_the_trainer_gives_advice(name, monkeypatch):
+    """DeepSpeed's real DynamicLossScaler, built from the shipped config by DeepSpeed's parser, raises a bare
+    Exception at the 18th consecutive overflow (2**16 down to 1 with hysteresis 2) -- before the trainer's
+    default 50-step guard. SkipGuard.engine_step turns exactly that into TrainingStopped with the advice, and
+    lets any other exception through unchanged."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from cic_gpt2.config import TrainConfig
+    from cic_gpt2.trainer import SkipGuard, TrainingStopped
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)  # only its overflow log line asks
+    ds = dsc.load_ds_json(dsc.CONFIG_DIR / f"{name}.json")
+    parsed = DeepSpeedConfig(dict(ds, train_batch_size=1, train_micro_batch_size_per_gpu=1,
+                                  gradient_accumulation_steps=1))
+    scaler = loss_scaler.DynamicLossScaler(**parsed.float16_config.dynamic_loss_scale_args())
+
+    class OverflowingEngine:  # every step overflows; the scaler reacts as inside DeepSpeed's optimizer.step()
+        def step(self):
+            scaler.update_scale(True)
+
+    guard = SkipGuard(TrainConfig().max_skipped_steps)
+    engine = OverflowingEngine()
+    with pytest.raises(TrainingStopped) as e:
+        for step in range(1, 100):
+            SkipGuard.engine_step(engine, step, scaler.cur_scale)
+            guard.update(1, step, scaler.cur_scale)
+    assert step == 18 < TrainConfig().max_skipped_steps
+    assert "at the minimum loss scale for fp16 overflow (step 18, loss scale 1)" in str(e.value) and "train.lr" in str(e.value)
+
+    class Broken:
+        def step(self):
+            raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        SkipGuard.engine_step(Broken(), 1, 1.0)

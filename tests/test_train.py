@@ -320,3 +320,37 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert summary["world_size"] == 2 and summary["step"] == 3
     assert (out / "run" / "export" / "config.json").is_file()
     assert (out / "run" / "confusion_matrix.png").is_file() and (out / "prepared" / "manifest.json").is_file()
+
+
+def test_deepspeed_min_loss_scale_error_becomes_the_guards_advice(prepared_v2, tmp_path, capsys):
+    """With the shipped fp16 config DeepSpeed raises a bare Exception at the 18th overflow in a row, before
+    the trainer's 50-step guard: the run must still stop with the guard's one-line advice. Needs fp16 (CUDA);
+    the CPU half of this is tests/test_ds_config.py::test_shipped_fp16_scalers_stop_at_the_18th_overflow..."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("DeepSpeed reports no fp16 support on this accelerator (CPU): fp16 runs need a GPU")
+    ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero2_fp16.json").read_text())
+    ds["fp16"].update(initial_scale_power=40, min_loss_scale=2**38, hysteresis=1)  # at the minimum after 2
+    path = tmp_path / "overflowing_fp16.json"
+    path.write_text(json.dumps(ds))
+    rc = train_here("--data", prepared_v2, "--run-dir", tmp_path / "run", *COMMON, f"train.ds_config={path}")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed stopped the run: a step was skipped at the minimum loss scale" in err and "train.lr" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bf16_with_fp32_gradient_accumulation_trains_on_the_real_engine(prepared_v2, tmp_path):
+    """The shipped 16-bit configs accumulate gradients in fp32 (data_types.grad_accum_dtype): the CPU bf16
+    config runs the same ZeRO-2 path on 2 gloo ranks with 2 accumulation steps and the loss goes down."""
+    run_dir = tmp_path / "bf16"
+    torchrun(2, "--data", prepared_v2, "--run-dir", run_dir, *COMMON, "train.micro_batch_size=2",
+             "train.grad_accum=2", "train.precision=bf16", "train.ds_config=zero2_cpu_bf16")
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    per_step = losses(run_dir)
+    assert sorted(per_step) == list(range(1, STEPS + 1))
+    assert all(v == v and v < 10 for v in per_step.values()), per_step  # finite
+    assert sum(per_step[s] for s in range(9, 13)) / 4 < per_step[1], per_step
