@@ -211,6 +211,7 @@ class Trainer:
         """One optimizer step: grad_accum micro-batches through the engine (it owns accumulation, loss
         scaling and clipping)."""
         skipped_before = self.engine.skipped_steps
+        self.lr = float(self.engine.get_lr()[0])  # the engine's LR for this step (fp16 skips do not advance it)
         for batch in self._micro_batches():
             inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
             loss = self.engine(**inputs).loss
@@ -225,7 +226,7 @@ class Trainer:
     def log_train_metrics(self) -> None:
         metrics = self.window.summarize()
         metrics.update({
-            "train/lr": float(self.engine.get_lr()[0]),  # the engine's: fp16-skipped steps do not advance it
+            "train/lr": self.lr,
             "train/loss_scale": self.loss_scale(),
             "train/skipped_steps": self.skips.total,
             "train/epoch": self.step / self.steps_per_epoch,

@@ -354,3 +354,17 @@ def test_bf16_with_fp32_gradient_accumulation_trains_on_the_real_engine(prepared
     assert sorted(per_step) == list(range(1, STEPS + 1))
     assert all(v == v and v < 10 for v in per_step.values()), per_step  # finite
     assert sum(per_step[s] for s in range(9, 13)) / 4 < per_step[1], per_step
+
+
+@pytest.mark.slow
+def test_logged_lr_is_the_engines_and_follows_the_schedule(two_rank_run):
+    """train/lr is read from the engine before each step: with no skipped steps it is the run config's warmup
+    + decay schedule at that step (so after fp16 skips it shows the LR really used, not the step's)."""
+    from cic_gpt2.config import TrainConfig
+    from cic_gpt2.ds_config import lr_ratio
+
+    tr = TrainConfig()
+    logged = {r["step"]: r["train/lr"] for r in read_jsonl(two_rank_run / "metrics.jsonl") if "train/lr" in r}
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(2e-3 * lr_ratio(step - 1, STEPS, 2, tr.schedule, tr.min_lr_ratio), rel=1e-6), step
