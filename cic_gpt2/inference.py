@@ -39,16 +39,19 @@ def row_lengths(input_ids) -> np.ndarray:
     return pc.list_value_length(input_ids).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+ROUND_BATCHES = 8  # batches per rank between two gathers (and preemption checks)
+
+
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Row indices grouped into batches of similar length (stable sort: the same rows give the same batches)."""
     order = np.argsort(np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def rank_slice(batches: list, rank: int, world_size: int) -> list:
-    """This rank's contiguous slice of the global batch list."""
-    n = len(batches)
-    return batches[n * rank // world_size:n * (rank + 1) // world_size]
+def rank_stride(batches: list, rank: int, world_size: int) -> list:
+    """This rank's batches: every world_size-th of the length-sorted list, so every rank gets short and long
+    rows alike (a contiguous slice gave one rank all the long rows: with class-grouped input, one class's)."""
+    return batches[rank::world_size]
 
 
 def pad_batch(rows, pad_id: int, max_tokens: int | None = None, multiple_of: int = 8, max_width: int | None = None):
@@ -130,10 +133,15 @@ def gather_rows(local: np.ndarray, world_size: int, device) -> np.ndarray:
 
 def score_distributed(model, input_ids, num_labels: int, batch_size: int, device, pad_id: int,
                       max_tokens: int | None, context: int, rank: int, world_size: int, comm_device,
-                      multiple_of: int = 8, progress=None, row_ids=None) -> np.ndarray:
+                      multiple_of: int = 8, progress=None, row_ids=None, stop=None,
+                      round_batches: int = ROUND_BATCHES) -> np.ndarray:
     """Class scores [n, num_labels] (float64) of every row of `input_ids`, in row order, on every rank.
     Collective. `context`: most tokens a row may have (after `max_tokens`); longer rows are a DataError
-    naming the first (by `row_ids` when given)."""
+    naming the first (by `row_ids` when given). Ranks take strided batches and gather every `round_batches`
+    batches (a bounded gather, not every logit of the split at once); before each round `stop()` (a
+    collective, e.g. the preemption watcher's `agreed`) may end it with `EvaluationInterrupted`."""
+    from cic_gpt2.preempt import EvaluationInterrupted
+
     lengths = row_lengths(input_ids)
     if max_tokens:
         lengths = np.minimum(lengths, max_tokens)
@@ -142,16 +150,25 @@ def score_distributed(model, input_ids, num_labels: int, batch_size: int, device
         first = int(row_ids[too_long[0]]) if row_ids is not None else int(too_long[0])
         raise DataError(f"row id {first} has {int(lengths[too_long[0]])} tokens, more than the model's context of "
                         f"{context} ({too_long.size} rows in all); train with data.max_length")
-    mine = rank_slice(length_sorted_batches(lengths, batch_size), rank, world_size)
-    index = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    batches = length_sorted_batches(lengths, batch_size)
+    mine = rank_stride(batches, rank, world_size)
     if progress is not None:
-        progress.reset(total=len(index))  # this rank's rows
-    scores = score_batches(model, input_ids, mine, device, pad_id, max_tokens, context, multiple_of, progress)
-    local = np.zeros((len(index), 1 + num_labels), dtype=np.float64)
-    local[:, 0] = index
-    if len(index):
-        local[:, 1:] = scores
-    gathered = gather_rows(local, world_size, comm_device)
+        progress.reset(total=sum(len(b) for b in mine))  # this rank's rows
+    rounds = -(-len(batches) // (world_size * round_batches))  # the same on every rank
+    blocks = []
+    for r in range(rounds):
+        if stop is not None and stop():
+            raise EvaluationInterrupted(f"stopped after {r} of {rounds} scoring rounds")
+        chunk = mine[r * round_batches:(r + 1) * round_batches]
+        index = np.concatenate(chunk) if chunk else np.zeros(0, dtype=np.int64)
+        local = np.zeros((len(index), 1 + num_labels), dtype=np.float64)
+        local[:, 0] = index
+        if len(index):
+            local[:, 1:] = score_batches(model, input_ids, chunk, device, pad_id, max_tokens, context, multiple_of,
+                                         progress)
+        blocks.append(gather_rows(local, world_size, comm_device))
+    gathered = np.concatenate(blocks) if blocks else np.zeros((0, 1 + num_labels))
+    gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
     if not np.array_equal(gathered[:, 0].astype(np.int64), np.arange(len(lengths))):
         raise CicError(f"scoring gathered {len(gathered)} rows for {len(lengths)}: batch partition bug")
     return gathered[:, 1:]

@@ -16,6 +16,11 @@ PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _Handler = Union[Callable[[int, FrameType | None], object], int, None]
 
 
+class EvaluationInterrupted(Exception):
+    """Scoring stopped between two rounds because every rank agreed on a preemption signal (the trainer
+    saves and exits EXIT_REQUEUE)."""
+
+
 class PreemptionWatcher:
     """Local flag set by SIGUSR1/SIGTERM, and the collective that makes every rank agree on it."""
 

@@ -64,9 +64,7 @@ def main(args: argparse.Namespace) -> int:
         dist.init(info, cfg.dist.timeout_s)
         trainer = build_trainer(cfg, info, ds_dict, prepared, tokenizer, resume_from, watcher)
         status = trainer.fit()
-        if status == 0:
-            finish(trainer)
-        return status
+        return finish(trainer) if status == 0 else status
     finally:
         if trainer is not None:
             trainer.close()
@@ -74,28 +72,34 @@ def main(args: argparse.Namespace) -> int:
         dist.destroy()
 
 
-def finish(trainer) -> None:
-    """End of training (every rank): the last step is validated like the others and checkpointed; the model
-    validation chose (train.select_best) is loaded back, scored on the whole val split and, once, on test.
-    Then rank 0 writes metrics.json, the plots and the export of that model and prints the report."""
+def finish(trainer) -> int:
+    """End of training (every rank): the last step is checkpointed first, then validated like the others; the
+    model validation chose (train.select_best) is loaded back, scored on the whole val split and, once, on
+    test. Then rank 0 writes metrics.json, the plots and the export of that model and prints the report. A
+    preemption during these evaluations saves nothing new (the last step is saved) and returns 75; the resumed
+    run starts again here."""
     from cic_gpt2.exported import export_hf
     from cic_gpt2.metrics import metrics_markdown
+    from cic_gpt2.preempt import EvaluationInterrupted
 
-    selection = None
-    if trainer.selecting:
-        trainer.select("val")  # the last step is a candidate too
-        best = trainer.best
-        selection = {"metric": "val/macro_f1", "rows": trainer.periodic_val_rows, "step": best.best_step,
-                     "value": best.best_value, "stopped_early": best.should_stop}
-    trainer.save()
-    selected_step = selection["step"] if selection else trainer.step
-    if selected_step != trainer.step:
-        trainer.checkpointer.load_weights(trainer.engine, selected_step)
-        trainer.say(f"selected step {selected_step} (best val macro-F1 {selection['value']:.4f} on "
-                    f"{selection['rows']} rows); final metrics and export are of that model")
-    val, test = trainer.validate("val"), trainer.validate("test")
+    trainer.save()  # before the final evaluation: a preemption during it loses no training
+    try:
+        selection = None
+        if trainer.selecting:
+            trainer.select("val")  # the last step is a candidate too
+            best = trainer.best
+            selection = {"metric": "val/macro_f1", "rows": trainer.periodic_val_rows, "step": best.best_step,
+                         "value": best.best_value, "stopped_early": best.should_stop}
+        selected_step = selection["step"] if selection else trainer.step
+        if selected_step != trainer.step:
+            trainer.checkpointer.load_weights(trainer.engine, selected_step)
+            trainer.say(f"selected step {selected_step} (best val macro-F1 {selection['value']:.4f} on "
+                        f"{selection['rows']} rows); final metrics and export are of that model")
+        val, test = trainer.validate("val"), trainer.validate("test")
+    except EvaluationInterrupted:
+        return trainer.preempted(" during the final evaluation")
     if not trainer.is_main:
-        return
+        return 0
     run_dir, cfg = trainer.checkpointer.ckpt_dir.parent, trainer.cfg
     summary = {"step": trainer.step, "selected_step": selected_step, "selection": selection,
                "epochs": trainer.step / trainer.steps_per_epoch,
@@ -108,6 +112,7 @@ def finish(trainer) -> None:
                   json.loads(trainer.checkpointer.side_files["ds_config.json"]), training_membership(trainer.prepared))
     trainer.say(metrics_markdown(test, title=f"test split, model of step {selected_step} of {trainer.step}")
                 + f"\nrun dir: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tb'})")
+    return 0
 
 
 def training_membership(prepared):

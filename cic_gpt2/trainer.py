@@ -155,7 +155,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, info: dist.DistInfo, engine, classifier, tokenizer, prepared,
                  checkpointer: Checkpointer, logger, watcher, total_steps: int, start_step: int = 0,
-                 skipped_steps: int = 0, best: Optional[dict] = None):
+                 skipped_steps: int = 0, best: Optional[dict] = None, val_pending: bool = False):
         from tqdm.auto import tqdm
 
         self.cfg, self.info, self.engine, self.classifier = cfg, info, engine, classifier
@@ -176,6 +176,7 @@ class Trainer:
         self.skips = SkipGuard(tr.max_skipped_steps, skipped_steps)
         self.selecting = bool(tr.eval_every and tr.select_best)
         self.best = BestTracker(tr.patience, **(best or {}))
+        self.val_pending = val_pending  # a preemption stopped this step's periodic validation: redo it first
         # Periodic validation's rows: the whole split (None) unless train.eval_max_rows asks for a subset.
         self.val_rows = (stratified_subset(prepared.table("val").column("label").to_numpy(), tr.eval_max_rows, tr.seed)
                          if tr.eval_every and tr.eval_max_rows else None)
@@ -184,28 +185,41 @@ class Trainer:
         self._epoch_batches = None
 
     def fit(self) -> int:
-        """Train to total_steps (0) or until a preemption signal, saved (EXIT_REQUEUE)."""
-        from cic_gpt2.preempt import EXIT_REQUEUE
+        """Train to total_steps (0) or until a preemption signal, saved (EXIT_REQUEUE). The signal is
+        honoured at every step boundary and between scoring rounds of a validation."""
+        from cic_gpt2.preempt import EvaluationInterrupted
 
-        while self.step < self.total_steps:
-            self.train_step()
-            if self.step % self.cfg.log.log_every == 0 or self.step == self.total_steps:
-                self.log_train_metrics()
-            every = self.cfg.train.eval_every
-            if every and self.step % every == 0 and self.step != self.total_steps:
+        try:
+            if self.val_pending:  # resumed from a save made while this step was being validated
                 self.select("val")
-            if self.checkpointer.due(self.step, self.total_steps):
-                self.save()
-            if self.watcher.agreed():  # collective: every rank, every step boundary
-                self.save()
-                self.say(f"preempted ({self.watcher.received or 'peer'}): saved step {self.step}, exit {EXIT_REQUEUE}")
-                return EXIT_REQUEUE
-            if self.selecting and self.best.should_stop:
-                self.say(f"early stop at step {self.step}: no better val macro-F1 in {self.best.patience} "
-                         f"validations (best {self.best.best_value:.4f} at step {self.best.best_step})")
-                break
+            while self.step < self.total_steps:
+                self.train_step()
+                if self.step % self.cfg.log.log_every == 0 or self.step == self.total_steps:
+                    self.log_train_metrics()
+                every = self.cfg.train.eval_every
+                if every and self.step % every == 0 and self.step != self.total_steps:
+                    self.val_pending = True
+                    self.select("val")
+                if self.checkpointer.due(self.step, self.total_steps):
+                    self.save()
+                if self.watcher.agreed():  # collective: every rank, every step boundary
+                    return self.preempted()
+                if self.selecting and self.best.should_stop:
+                    self.say(f"early stop at step {self.step}: no better val macro-F1 in {self.best.patience} "
+                             f"validations (best {self.best.best_value:.4f} at step {self.best.best_step})")
+                    break
+        except EvaluationInterrupted:
+            return self.preempted(" while validating")
         self.progress.close()
         return 0
+
+    def preempted(self, where: str = "") -> int:
+        """Every rank: save this step (once) and return the requeue status."""
+        from cic_gpt2.preempt import EXIT_REQUEUE
+
+        self.save()
+        self.say(f"preempted ({self.watcher.received or 'peer'}){where}: saved step {self.step}, exit {EXIT_REQUEUE}")
+        return EXIT_REQUEUE
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum micro-batches through the engine (it owns accumulation, loss
@@ -246,6 +260,7 @@ class Trainer:
     def select(self, split: str = "val") -> None:
         """Periodic validation on the fixed subset; with selection, a new best is checkpointed at once."""
         metrics = self.validate(split, rows=self.val_rows)
+        self.val_pending = False
         if self.selecting and self.best.update(self.step, metrics["macro_f1"]):
             self.save()
 
@@ -263,7 +278,8 @@ class Trainer:
             scores = score_distributed(
                 self.engine, table.column("input_ids"), len(self.label_names), batch_size, self.device,
                 pad_id_of(self.tokenizer), self.cfg.data.max_length, self.classifier.max_row_tokens,
-                self.info.rank, self.info.world_size, self.device, multiple_of=self.cfg.data.pad_to_multiple_of)
+                self.info.rank, self.info.world_size, self.device, multiple_of=self.cfg.data.pad_to_multiple_of,
+                stop=self.watcher.agreed)
         finally:
             self.engine.train()
         metrics = metrics_from_scores(scores, table.column("label").to_numpy(), table.column("row_id").to_numpy(),
@@ -277,7 +293,7 @@ class Trainer:
         self.checkpointer.save(self.engine, self.step, {
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_batch_size": self.global_batch_size, "seed": self.cfg.train.seed,
-            "skipped_steps": self.skips.total, "best": self.best.state(),
+            "skipped_steps": self.skips.total, "best": self.best.state(), "val_pending": self.val_pending,
         }, keep_steps=(self.best.best_step,) if self.selecting else ())
 
     def loss_scale(self) -> float:
@@ -347,7 +363,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         write_text(run_dir / "config.yaml", checkpointer.side_files["run_config.yaml"])
         write_text(run_dir / "ds_config.json", checkpointer.side_files["ds_config.json"])
     trainer = Trainer(cfg, info, engine, classifier, tokenizer, prepared, checkpointer, logger, watcher, total_steps,
-                      start_step, int(state.get("skipped_steps", 0)) if state else 0, (state or {}).get("best"))
+                      start_step, int(state.get("skipped_steps", 0)) if state else 0, (state or {}).get("best"),
+                      bool((state or {}).get("val_pending", False)))
     trainer.say(
         f"training {total_steps} steps ({steps_per_epoch}/epoch, global batch {global_batch_size} = "
         f"{tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {trainer.precision}, "

@@ -1,4 +1,4 @@
-"""inference.py: one padder, length-sorted batches sliced over ranks, gathering, scoring, metrics."""
+"""inference.py: one padder, length-sorted batches strided over ranks, gathering in rounds, scoring, metrics."""
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -8,7 +8,7 @@ from cic_gpt2.config import ModelConfig
 from cic_gpt2.data import collate
 from cic_gpt2.errors import DataError
 from cic_gpt2.inference import (
-    gather_rows, length_sorted_batches, metrics_from_scores, pad_batch, pad_id_of, rank_slice, score_distributed,
+    gather_rows, length_sorted_batches, metrics_from_scores, pad_batch, pad_id_of, rank_stride, score_distributed,
     score_rows,
 )
 from cic_gpt2.model import build_model
@@ -18,14 +18,29 @@ from cic_gpt2.tokenizer import load_tokenizer
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 10, 11])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_rank_slices_cover_every_row_once_in_the_same_batches(n, world):
+def test_rank_strides_cover_every_row_once_in_the_same_batches(n, world):
     lengths = np.random.default_rng(n).integers(1, 40, n)
     batches = length_sorted_batches(lengths, 3)
-    slices = [rank_slice(batches, r, world) for r in range(world)]
-    assert [b.tolist() for s in slices for b in s] == [b.tolist() for b in batches]  # rank order = batch order
-    rows = np.concatenate([b for s in slices for b in s]) if n else np.zeros(0)
+    strides = [rank_stride(batches, r, world) for r in range(world)]
+    assert sorted(b.tolist() for s in strides for b in s) == sorted(b.tolist() for b in batches)
+    rows = np.concatenate([b for s in strides for b in s]) if n else np.zeros(0)
     assert sorted(rows.tolist()) == list(range(n))
-    assert (np.diff(lengths[rows.astype(int)]) >= 0).all()  # batches of similar length: sorted by length
+    for s in strides:  # batches of similar length: each rank's batches in length order
+        mine = np.concatenate(s).astype(int) if s else np.zeros(0, dtype=int)
+        assert (np.diff(lengths[mine]) >= 0).all()
+
+
+def test_class_grouped_rows_give_every_rank_the_same_work():
+    """prepare keeps input-file order and classes differ in length (a flood row is shorter than a web-attack
+    row): a contiguous slice of the length-sorted batches gave the last rank all the long rows. Strided, every
+    rank's token count is within one batch of the others'."""
+    lengths = np.concatenate([np.full(1000, 20), np.full(1000, 60)])  # two classes, one after the other
+    batches = length_sorted_batches(lengths, 16)
+    tokens = [sum(int(lengths[b].sum()) for b in rank_stride(batches, r, 4)) for r in range(4)]
+    assert max(tokens) - min(tokens) <= 16 * 60, tokens
+    contiguous = [sum(int(lengths[b].sum()) for b in batches[len(batches) * r // 4:len(batches) * (r + 1) // 4])
+                  for r in range(4)]
+    assert max(contiguous) > 2.5 * min(contiguous), contiguous  # what it was
 
 
 def test_pad_batch_rounds_up_caps_and_truncates():
@@ -72,3 +87,24 @@ def test_scoring_is_independent_of_batching_and_metrics_match_the_scores(prepare
     with pytest.raises(DataError, match="more than the model's context of 4"):
         score_distributed(model, ids, len(prepared.label_names), 16, "cpu", pad_id_of(tok), None, 4, 0, 1, "cpu",
                           row_ids=table.column("row_id").to_numpy())
+
+
+def test_scoring_in_rounds_equals_one_round_and_stops_between_rounds(prepared_v2):
+    """Gathering every round (round_batches=1) gives the same scores as one big round; `stop` is asked before
+    each round and ends scoring with EvaluationInterrupted (the trainer then saves and exits 75)."""
+    from cic_gpt2.preempt import EvaluationInterrupted
+
+    prepared = Prepared.load(prepared_v2)
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="tiny", dropout=0.0), prepared.label_names, tok).eval()
+    ids = prepared.table("val").column("input_ids")
+    args = (model, ids, len(prepared.label_names), 16, "cpu", pad_id_of(tok), None, model.max_row_tokens, 0, 1, "cpu")
+    whole = score_distributed(*args, round_batches=10_000)
+    asked = []
+    rounds = score_distributed(*args, round_batches=1, stop=lambda: asked.append(1) and False)
+    np.testing.assert_allclose(rounds, whole, rtol=0, atol=1e-6)
+    assert len(asked) == -(-ids.length() // 16)  # one question per round
+    asked.clear()
+    with pytest.raises(EvaluationInterrupted, match="after 3 of"):  # the 4th question says stop
+        score_distributed(*args, round_batches=1, stop=lambda: asked.append(1) or len(asked) == 4)
