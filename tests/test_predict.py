@@ -23,10 +23,12 @@ CORRUPTED = {
     10: ("NaN", "nan"),
     11: ("empty cell", "nan"),
     70: ("inf", "inf"),
-    130: ("unknown label", "unknown_label"),
-    200: ("truncated line", "missing_label"),  # the cut removed the trailing features and the label
-    N_ROWS - 1: ("truncated last line, no newline", "missing_label"),
+    150: ("line cut to 40 characters", "wrong_field_count"),
+    200: ("line cut to 12 fields", "wrong_field_count"),  # the cut removed the trailing features and the label
+    N_ROWS - 1: ("last line cut mid-value, no final newline", "truncated"),
 }
+# rows whose label alone is broken: predict needs no label, so they are predicted (true_label left empty)
+LABEL_ONLY = {130: "unknown label", 160: "empty label"}
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +51,8 @@ def clean_and_corrupted(tmp_path_factory):
     c = cells(11); c[30] = ""; bad[11] = ",".join(c)
     c = cells(70); c[3] = "inf"; bad[70] = ",".join(c)
     c = cells(130); c[-1] = "NotARealAttack"; bad[130] = ",".join(c)
+    bad[150] = bad[150][:40]
+    c = cells(160); c[-1] = ""; bad[160] = ",".join(c)
     bad[200] = ",".join(cells(200)[:12])
     bad[N_ROWS - 1] = bad[N_ROWS - 1][: len(bad[N_ROWS - 1]) // 2]
     (d / "corrupted.csv").write_text("\n".join([header, *bad]), encoding="utf-8")  # no final newline
@@ -77,7 +81,8 @@ def test_output_is_row_aligned_and_bad_rows_are_reported(tiny_export, clean_and_
     bad = got["row_id"].isin(list(CORRUPTED))
     assert got.loc[bad, ["predicted_label", "probability", "label_2", "prob_3"]].isna().all().all()
     assert f"{len(CORRUPTED)} row(s) without a prediction" in err
-    assert "non_numeric 1" in err and "nan 2" in err and "inf 1" in err and "missing_label 2" in err
+    assert "non_numeric 1" in err and "nan 2" in err and "inf 1" in err and "wrong_field_count 2" in err
+    assert "truncated 1" in err and "missing_label" not in err and "unknown_label" not in err
 
     # Every good row carries the same prediction as in the clean file (no shift, no mix-up).
     ok = ~bad
@@ -86,7 +91,9 @@ def test_output_is_row_aligned_and_bad_rows_are_reported(tiny_export, clean_and_
     np.testing.assert_allclose(got.loc[ok, "probability"], ref.loc[ok, "probability"], rtol=1e-4)
     raw = pd.read_csv(clean, dtype=str)
     assert (ref["true_label"] == [schema.map_label(x, "8") for x in raw["Label"]]).all()
-    assert (got.loc[ok, "true_label"] == ref.loc[ok, "true_label"]).all()
+    label_only = got["row_id"].isin(list(LABEL_ONLY))
+    assert (got.loc[ok & ~label_only, "true_label"] == ref.loc[ok & ~label_only, "true_label"]).all()
+    assert got.loc[label_only, "true_label"].isna().all() and ref.loc[label_only, "true_label"].notna().all()
     assert (ref["probability"] >= ref["prob_2"]).all() and (ref["prob_2"] >= ref["prob_3"]).all()
     assert (ref["predicted_label"] != ref["label_2"]).all()
 
