@@ -5,7 +5,6 @@ Input formats, cell checks, drop reasons and how the streaming scales: docs/prep
 from __future__ import annotations
 
 import glob
-import itertools
 import multiprocessing as mp
 import sys
 import warnings
@@ -19,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cic_gpt2 import schema
-from cic_gpt2.csvfields import field_counts
+from cic_gpt2.csvfields import Counts
 from cic_gpt2.errors import DataError
 from cic_gpt2.templates import render
 
@@ -178,10 +177,10 @@ class EncodedChunk:
 
 
 def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
-    """(chunk, field count of each of its rows: `csvfields.field_counts`, negated for a last row without
+    """(chunk, field count of each of its rows: `csvfields.Counts`, negated for a last row without
     a final newline)."""
     n = 0
-    counts = field_counts(layout.path)
+    counts = Counts(layout.path)
     try:
         # index_col=False: a first data row with extra fields must not silently become an index.
         reader = pd.read_csv(layout.path, chunksize=chunk_rows, encoding="utf-8", skipinitialspace=True,
@@ -194,7 +193,7 @@ def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[tuple[pd.DataF
                 break
             chunk.columns = [str(c).strip().lstrip("\ufeff") for c in chunk.columns]
             n += len(chunk)
-            fields = np.fromiter(itertools.islice(counts, len(chunk)), dtype=np.int64)
+            fields = counts.take(len(chunk))
             # Should the two readers ever disagree on where rows end, rows past the count are not flagged.
             fields = np.pad(fields, (0, len(chunk) - len(fields)), constant_values=len(chunk.columns))
             yield chunk, fields
