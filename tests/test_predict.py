@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -186,3 +187,19 @@ def test_rows_seen_in_training_are_counted(tiny_export, prepared_v2, tmp_path, c
         capsys.readouterr().err
     seen = json.loads((tmp_path / "e" / "metrics.json").read_text())["seen_in_training"]
     assert seen["rows"] == 200 and seen["of"] == 200
+
+
+def test_a_run_directory_is_read_through_its_export(tiny_export, clean_and_corrupted, tmp_path, capsys):
+    from test_evaluate import fake_run_dir
+
+    clean, _ = clean_and_corrupted
+    run = fake_run_dir(tiny_export, tmp_path)
+    assert _predict(run, clean, tmp_path / "from_run.csv") == 0
+    assert _predict(tiny_export, clean, tmp_path / "from_export.csv") == 0
+    assert (tmp_path / "from_run.csv").read_text() == (tmp_path / "from_export.csv").read_text()
+    capsys.readouterr()
+    shutil.rmtree(run / "export")
+    assert _predict(run, clean, tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a training run without an export" in err
+    assert f"`cic-gpt2 export {run} --output {run / 'export'}`" in err and not (tmp_path / "p.csv").exists()
