@@ -25,7 +25,7 @@ from cic_gpt2.templates import render
 DEFAULT_CHUNK_ROWS = 50_000
 # Drop reasons, in the order they are tested (a row gets the first that applies). `truncated`: the file's
 # last row, cut short (fewer fields than the header, no final newline); `wrong_field_count`: any other row
-# with fewer fields than the header (a row with more fields is a malformed CSV: the file is refused).
+# with fewer or more fields than the header (its cells cannot be trusted to be in their columns).
 REASONS = ("truncated", "wrong_field_count", "repeated_header", "missing_label", "unknown_label", "missing_text",
            "non_numeric", "nan", "inf")
 
@@ -87,6 +87,7 @@ class FileLayout:
     label_column: str | None
     text_column: str | None
     ignored: list[str]
+    n_columns: int = 0  # fields in the header line
 
 
 def resolve_layout(path: Path, label_column: str | None, require_label: bool) -> tuple[str, FileLayout]:
@@ -110,7 +111,7 @@ def resolve_layout(path: Path, label_column: str | None, require_label: bool) ->
         features = [by_feature[f] for f in schema.FEATURES_BY_FORMAT[fmt]]
         text, used = None, set(features) | {label}
     ignored = [c for c in header if c not in used]
-    return fmt, FileLayout(path, features, label, text, ignored)
+    return fmt, FileLayout(path, features, label, text, ignored, len(header))
 
 
 def resolve_layouts(files: list[Path], label_column: str | None, require_label: bool,
@@ -182,9 +183,11 @@ def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[tuple[pd.DataF
     n = 0
     counts = Counts(layout.path)
     try:
-        # index_col=False: a first data row with extra fields must not silently become an index.
+        # index_col=False: a first data row with extra fields must not silently become an index. usecols:
+        # a row with extra fields is read (its extra cells left out) and dropped below by its field count.
         reader = pd.read_csv(layout.path, chunksize=chunk_rows, encoding="utf-8", skipinitialspace=True,
-                             index_col=False, dtype={c: "str" for c in (layout.label_column, layout.text_column) if c})
+                             index_col=False, usecols=range(layout.n_columns),
+                             dtype={c: "str" for c in (layout.label_column, layout.text_column) if c})
         while True:
             with warnings.catch_warnings():  # around next() only: never left active across a yield
                 warnings.simplefilter("error", pd.errors.ParserWarning)
@@ -216,9 +219,8 @@ def _check_chunk(df: pd.DataFrame, layout: FileLayout, spec: InputSpec, fields: 
         reason[(reason == 0) & mask] = REASONS.index(name) + 1
 
     if fields is not None:
-        short = np.abs(fields) < len(df.columns)
-        mark(short & (fields < 0), "truncated")
-        mark(short, "wrong_field_count")
+        mark((fields < 0) & (-fields < len(df.columns)), "truncated")
+        mark(np.abs(fields) != len(df.columns), "wrong_field_count")
     first_col = layout.label_column or layout.feature_columns[0]
     header_again = df[first_col].astype("str").str.strip().to_numpy(dtype=object) == first_col
     mark(header_again, "repeated_header")

@@ -26,6 +26,8 @@ CORRUPTED = {
     70: ("inf", "inf"),
     150: ("line cut to 40 characters", "wrong_field_count"),
     200: ("line cut to 12 fields", "wrong_field_count"),  # the cut removed the trailing features and the label
+    220: ("three extra fields", "wrong_field_count"),
+    230: ("a field too many in front", "wrong_field_count"),  # every cell one column to the right
     N_ROWS - 1: ("last line cut mid-value, no final newline", "truncated"),
 }
 # rows whose label alone is broken: predict needs no label, so they are predicted (true_label left empty)
@@ -55,6 +57,8 @@ def clean_and_corrupted(tmp_path_factory):
     bad[150] = bad[150][:40]
     c = cells(160); c[-1] = ""; bad[160] = ",".join(c)
     bad[200] = ",".join(cells(200)[:12])
+    bad[220] += ",1,2,3"
+    bad[230] = "1," + bad[230]
     bad[N_ROWS - 1] = bad[N_ROWS - 1][: len(bad[N_ROWS - 1]) // 2]
     (d / "corrupted.csv").write_text("\n".join([header, *bad]), encoding="utf-8")  # no final newline
     return d / "clean.csv", d / "corrupted.csv"
@@ -82,7 +86,7 @@ def test_output_is_row_aligned_and_bad_rows_are_reported(tiny_export, clean_and_
     bad = got["row_id"].isin(list(CORRUPTED))
     assert got.loc[bad, ["predicted_label", "probability", "label_2", "prob_3"]].isna().all().all()
     assert f"{len(CORRUPTED)} row(s) without a prediction" in err
-    assert "non_numeric 1" in err and "nan 2" in err and "inf 1" in err and "wrong_field_count 2" in err
+    assert "non_numeric 1" in err and "nan 2" in err and "inf 1" in err and "wrong_field_count 4" in err
     assert "truncated 1" in err and "missing_label" not in err and "unknown_label" not in err
 
     # Every good row carries the same prediction as in the clean file (no shift, no mix-up).
@@ -134,7 +138,7 @@ def test_unlabeled_input(tiny_export, clean_and_corrupted, tmp_path):
 def test_output_appears_only_when_complete(tiny_export, clean_and_corrupted, tmp_path, capsys):
     clean, _ = clean_and_corrupted
     lines = clean.read_text().splitlines()
-    lines[250] += ",1,2,3"  # extra fields: a malformed CSV line, found after earlier chunks were written
+    lines[250] = '"' + lines[250]  # a quote never closed: a malformed CSV, found after earlier chunks were written
     broken = tmp_path / "broken.csv"
     broken.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out" / "p.csv"
