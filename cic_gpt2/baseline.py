@@ -8,7 +8,7 @@ import csv
 import json
 from pathlib import Path
 
-from cic_gpt2.files import atomic_path, write_text
+from cic_gpt2.files import atomic_path, check_output, write_text
 from cic_gpt2.metrics import compare_markdown, metrics_markdown, row_ids_digest
 from cic_gpt2.trees import DEFAULT_JOBS, DEFAULT_MODELS, MODEL_NAMES, BaselineResult, fit_baselines
 
@@ -72,8 +72,10 @@ def write_report(output_dir: str | Path, prepared_dir: str | Path, manifest: dic
 # --------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="PREPARED_DIR", help="directory written by `cic-gpt2 prepare`")
-    parser.add_argument("--output", default="runs/baseline", metavar="DIR",
-                        help="where baseline.json, baseline.md, predictions.csv and plots go (default: runs/baseline)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="where baseline.json, baseline.md, predictions.csv and plots go "
+                             "(default: PREPARED_DIR/baseline-seedS)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --output")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma-separated: {', '.join(f'{k} ({v})' for k, v in MODEL_NAMES.items())} (default: rf,hgb)")
     parser.add_argument("--seed", type=int, default=0, help="random_state of the models (default: 0)")
@@ -81,13 +83,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def default_output(prepared_dir: str | Path, seed: int) -> Path:
+    """PREPARED_DIR/baseline-seedS: beside the data it was fitted on (a re-prepare replaces both)."""
+    return Path(prepared_dir) / f"baseline-seed{seed}"
+
+
 def main(args: argparse.Namespace) -> int:
+    out = check_output(args.output or default_output(args.data, args.seed), args.overwrite)
     manifest, results = fit_baselines(args.data, args.models, args.seed, args.jobs, progress=not args.no_progress)
-    write_report(args.output, args.data, manifest, results, args.seed)
+    write_report(out, args.data, manifest, results, args.seed)
     print(compare_markdown({name: r.metrics for name, r in results.items()}), end="")
     for name, r in results.items():
         print(f"{name}: fit {r.fit_seconds:.1f}s, predict {r.predict_seconds:.2f}s")
     print(f"test rows: {next(iter(results.values())).row_ids.size} (row ids sha256 "
           f"{row_ids_digest(next(iter(results.values())).row_ids)[:16]}...)")
-    print(f"wrote {Path(args.output) / 'baseline.json'}, baseline.md, predictions.csv and plots")
+    print(f"wrote {out / 'baseline.json'}, baseline.md, predictions.csv and plots")
     return 0

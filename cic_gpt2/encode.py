@@ -18,12 +18,16 @@ import pandas as pd
 import pyarrow as pa
 
 from cic_gpt2 import schema
+from cic_gpt2.csvfields import Counts
 from cic_gpt2.errors import DataError
 from cic_gpt2.templates import render
 
 DEFAULT_CHUNK_ROWS = 50_000
-# Drop reasons, in the order they are tested (a row gets the first that applies).
-REASONS = ("repeated_header", "missing_label", "unknown_label", "missing_text", "non_numeric", "nan", "inf")
+# Drop reasons, in the order they are tested (a row gets the first that applies). `truncated`: the file's
+# last row, cut short (fewer fields than the header, no final newline); `wrong_field_count`: any other row
+# with fewer or more fields than the header (its cells cannot be trusted to be in their columns).
+REASONS = ("truncated", "wrong_field_count", "repeated_header", "missing_label", "unknown_label", "missing_text",
+           "non_numeric", "nan", "inf")
 
 
 # ================================================================================================ inputs
@@ -72,6 +76,7 @@ class InputSpec:
     label_column: str | None  # None: unlabeled input (predict)
     label2id: dict[str, int] | None = None  # fixed mapping (from a manifest); None: prepare assigns ids
     unknown_labels: str = "error"
+    label_required: bool = True  # False (predict): an empty or unknown label leaves the row unlabeled, kept
 
 
 @dataclass
@@ -82,6 +87,7 @@ class FileLayout:
     label_column: str | None
     text_column: str | None
     ignored: list[str]
+    n_columns: int = 0  # fields in the header line
 
 
 def resolve_layout(path: Path, label_column: str | None, require_label: bool) -> tuple[str, FileLayout]:
@@ -105,7 +111,7 @@ def resolve_layout(path: Path, label_column: str | None, require_label: bool) ->
         features = [by_feature[f] for f in schema.FEATURES_BY_FORMAT[fmt]]
         text, used = None, set(features) | {label}
     ignored = [c for c in header if c not in used]
-    return fmt, FileLayout(path, features, label, text, ignored)
+    return fmt, FileLayout(path, features, label, text, ignored, len(header))
 
 
 def resolve_layouts(files: list[Path], label_column: str | None, require_label: bool,
@@ -171,12 +177,17 @@ class EncodedChunk:
         return np.diff(self.input_ids.offsets.to_numpy()).astype(np.int32)
 
 
-def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """(chunk, field count of each of its rows: `csvfields.Counts`, negated for a last row without
+    a final newline)."""
     n = 0
+    counts = Counts(layout.path)
     try:
-        # index_col=False: a first data row with extra fields must not silently become an index.
+        # index_col=False: a first data row with extra fields must not silently become an index. usecols:
+        # a row with extra fields is read (its extra cells left out) and dropped below by its field count.
         reader = pd.read_csv(layout.path, chunksize=chunk_rows, encoding="utf-8", skipinitialspace=True,
-                             index_col=False, dtype={c: "str" for c in (layout.label_column, layout.text_column) if c})
+                             index_col=False, usecols=range(layout.n_columns),
+                             dtype={c: "str" for c in (layout.label_column, layout.text_column) if c})
         while True:
             with warnings.catch_warnings():  # around next() only: never left active across a yield
                 warnings.simplefilter("error", pd.errors.ParserWarning)
@@ -185,7 +196,10 @@ def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[pd.DataFrame]:
                 break
             chunk.columns = [str(c).strip().lstrip("\ufeff") for c in chunk.columns]
             n += len(chunk)
-            yield chunk
+            fields = counts.take(len(chunk))
+            # Should the two readers ever disagree on where rows end, rows past the count are not flagged.
+            fields = np.pad(fields, (0, len(chunk) - len(fields)), constant_values=len(chunk.columns))
+            yield chunk, fields
     except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
         raise DataError(f"{layout.path}: malformed CSV ({str(e).strip().splitlines()[-1]}) near data row {n}; "
                         f"fix or remove that line") from None
@@ -195,14 +209,18 @@ def _read_chunks(layout: FileLayout, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise DataError(f"{layout.path}: header only, no data rows; remove it from the inputs")
 
 
-def _check_chunk(df: pd.DataFrame, layout: FileLayout, spec: InputSpec):
-    """(reason code per row (0 = keep, i = REASONS[i-1]), float64 feature matrix, mapped label names, unknowns)."""
+def _check_chunk(df: pd.DataFrame, layout: FileLayout, spec: InputSpec, fields: np.ndarray | None = None):
+    """(reason code per row (0 = keep, i = REASONS[i-1]), float64 feature matrix, mapped label names, unknowns).
+    fields: each row's field count from `_read_chunks` (None: not checked)."""
     n = len(df)
     reason = np.zeros(n, dtype=np.int8)
 
     def mark(mask: np.ndarray, name: str) -> None:
         reason[(reason == 0) & mask] = REASONS.index(name) + 1
 
+    if fields is not None:
+        mark((fields < 0) & (-fields < len(df.columns)), "truncated")
+        mark(np.abs(fields) != len(df.columns), "wrong_field_count")
     first_col = layout.label_column or layout.feature_columns[0]
     header_again = df[first_col].astype("str").str.strip().to_numpy(dtype=object) == first_col
     mark(header_again, "repeated_header")
@@ -211,16 +229,18 @@ def _check_chunk(df: pd.DataFrame, layout: FileLayout, spec: InputSpec):
     if layout.label_column is not None:
         raw = df[layout.label_column].astype("string")  # numeric labels too; NA stays NA
         missing = raw.isna().to_numpy() | (raw.fillna("").str.strip() == "").to_numpy()
-        mark(missing, "missing_label")
+        if spec.label_required:
+            mark(missing, "missing_label")
         codes, uniques = pd.factorize(raw.fillna("").str.strip())
         mapped_uniques = np.array([schema.map_label(u, spec.classes) for u in uniques] + [None], dtype=object)
         names = mapped_uniques[codes]  # code -1 (NaN) -> None
         if spec.label2id is not None:
             names = np.array([m if m in spec.label2id else None for m in names], dtype=object)
-        bad = (names == None) & (reason == 0)  # noqa: E711 (elementwise)
-        for i in np.flatnonzero(bad):
-            unknown.setdefault(str(raw.iloc[i]).strip(), int(i))
-        mark(bad, "unknown_label")
+        bad = (names == None) & (reason == 0) & ~missing  # noqa: E711 (elementwise)
+        if spec.label_required:
+            for i in np.flatnonzero(bad):
+                unknown.setdefault(str(raw.iloc[i]).strip(), int(i))
+            mark(bad, "unknown_label")
     if layout.text_column is not None:
         texts = df[layout.text_column]
         mark(texts.isna().to_numpy(), "missing_text")
@@ -326,8 +346,8 @@ def _init_worker(tokenizer) -> None:
 
 
 def _encode_chunk(task) -> EncodedChunk:
-    df, layout, spec, first_row_id, with_text = task
-    reason, values, names, unknown, texts = _check_chunk(df, layout, spec)
+    df, fields, layout, spec, first_row_id, with_text = task
+    reason, values, names, unknown, texts = _check_chunk(df, layout, spec, fields)
     keep = reason == 0
     row_ids = first_row_id + np.arange(len(df), dtype=np.int64)
     if texts is None:
@@ -369,8 +389,8 @@ def stream_chunks(layouts, spec, chunk_rows, workers, tokenizer, with_text) -> I
     def tasks():
         row_id = 0
         for layout in layouts:
-            for df in _read_chunks(layout, chunk_rows):
-                yield (df, layout, spec, row_id, with_text)
+            for df, fields in _read_chunks(layout, chunk_rows):
+                yield (df, fields, layout, spec, row_id, with_text)
                 row_id += len(df)
 
     if workers <= 1:
@@ -400,14 +420,16 @@ def encode_csvs(paths, manifest: dict, tokenizer, require_label: bool = True,
     """Encode raw CSVs exactly as `prepare` did for `manifest` (same format, features, template, taxonomy).
 
     paths: files/dirs/globs. tokenizer: a loaded tokenizer (should match manifest["tokenizer"]["fingerprint"]).
-    require_label=False accepts files without a label column (labels are then -1). Labels outside the
-    manifest's label2id: DataError, or dropped with reason "unknown_label" when unknown_labels="drop".
+    require_label=False (predict) accepts files without a label column, and keeps rows whose label is empty
+    or outside the manifest's label2id (their label is then -1). With require_label, labels outside
+    label2id: DataError, or dropped with reason "unknown_label" when unknown_labels="drop"; empty labels
+    are dropped as "missing_label".
     Yields EncodedChunk (see its docstring) in input order, in this process.
     """
     spec = InputSpec(format=manifest["format"], features=tuple(manifest["features"]),
                      template=manifest["template"], classes=manifest["classes"],
                      label_column=manifest.get("label_column"), label2id=dict(manifest["label2id"]),
-                     unknown_labels=unknown_labels)
+                     unknown_labels=unknown_labels, label_required=require_label)
     _, layouts = resolve_layouts(expand_inputs([str(p) for p in paths]), spec.label_column, require_label,
                                  expect_format=spec.format)
     for chunk in stream_chunks(layouts, spec, chunk_rows, 1, tokenizer, with_text):

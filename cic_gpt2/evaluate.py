@@ -1,6 +1,7 @@
 """`cic-gpt2 evaluate`: metrics of an exported model on a prepared split or on raw CSVs.
 
-    cic-gpt2 evaluate --model runs/demo/export --data data/v2_8 --output runs/demo/eval
+    cic-gpt2 evaluate --model runs/demo --data data/v2_8                  # -> runs/demo/evaluate-v2_8-test/
+    cic-gpt2 evaluate --model runs/demo/export --data data/v2_8 --output runs/demo/eval --overwrite
     cic-gpt2 evaluate --model runs/demo/export --data data/v2_8 --compare      # + RandomForest / HGB, same rows
     cic-gpt2 evaluate --model runs/demo/export --data new_flows/*.csv --output runs/eval_new
     torchrun --nproc_per_node 4 -m cic_gpt2 evaluate --model runs/demo/export --data data/v2_8
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -24,7 +26,7 @@ import pyarrow as pa
 
 from cic_gpt2 import dist
 from cic_gpt2.errors import CicError, DataError
-from cic_gpt2.files import atomic_path, write_text
+from cic_gpt2.files import atomic_path, check_output, write_text
 from cic_gpt2.prepared import SPLITS, Prepared
 
 HELP = "metrics of an exported model on a prepared split or raw CSVs (JSON, Markdown, plots; --compare baselines)"
@@ -32,11 +34,15 @@ DEFAULT_MICRO_BATCH_SIZE = 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="EXPORT_DIR", help="directory written by train/`cic-gpt2 export`")
+    p.add_argument("--model", required=True, metavar="EXPORT_DIR|RUN_DIR",
+                   help="directory written by `cic-gpt2 export`, or a training run directory (its export/)")
     p.add_argument("--data", required=True, nargs="+", metavar="PREPARED_DIR|CSV",
                    help="a `cic-gpt2 prepare` directory, or labelled CSV files/directories/globs")
     p.add_argument("--split", choices=SPLITS, default="test", help="split of a prepared directory (default: test)")
-    p.add_argument("--output", default="runs/evaluate", metavar="DIR", help="report directory (default: runs/evaluate)")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="report directory (default: RUN_DIR/evaluate-DATA beside the model's export/, DATA = the "
+                        "prepared dir's name and split, or the CSV's name; docs/predict.md)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty report directory")
     p.add_argument("--compare", action="store_true",
                    help="also fit RandomForest + HistGradientBoosting on the prepared train split and compare on "
                         "the same test rows")
@@ -88,6 +94,18 @@ def load_csv_rows(paths: list[str], model_manifest: dict, tokenizer, unknown_lab
     return EvalRows(input_ids=pa.chunked_array(input_ids), labels=np.concatenate(labels),
                     row_ids=np.concatenate(row_ids), source=", ".join(paths), dropped=dict(sorted(dropped.items())),
                     hashes=np.concatenate(hashes))
+
+
+def data_name(data: list[str], prepared: Prepared | None, split: str) -> str:
+    """What the default report directory is named after: "v2_8-test" (prepared dir, split), "flows" (one CSV
+    flows.csv), "flows+2" (flows.csv and two more files)."""
+    from cic_gpt2.encode import expand_inputs
+
+    if prepared is not None:
+        return f"{Path(prepared.path).resolve().name}-{split}"
+    files = expand_inputs(data)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", files[0].stem).strip("_") or "csv"
+    return name + (f"+{len(files) - 1}" if len(files) > 1 else "")
 
 
 # ================================================================================================ report
@@ -161,6 +179,9 @@ def main(args: argparse.Namespace) -> int:
     export = Export.open(args.model)
     if prepared is not None:
         prepared.check_compatible(export.manifest)
+    # Before any scoring, on every rank alike: a second evaluation never silently replaces the first.
+    out = check_output(args.output or export.report_dir(f"evaluate-{data_name(args.data, prepared, args.split)}"),
+                       args.overwrite)
     t0 = time.perf_counter()
     info = dist.discover()
     if info.is_distributed:
@@ -192,8 +213,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = metrics_from_scores(scores, rows.labels, rows.row_ids, label_names, split)
     name = export.display_name
     title = f"{name} on {rows.source}"
-    out = Path(args.output)
-    run_info = {"model": str(Path(args.model).resolve()), "data": rows.source, "split": split,
+    run_info = {"model": str(export.path.resolve()), "data": rows.source, "split": split,
                 "dropped": rows.dropped, "world_size": info.world_size, "device": str(device),
                 "micro_batch_size": args.micro_batch_size, "seconds": round(time.perf_counter() - t0, 3)}
     membership = export.membership() if rows.hashes is not None else None
@@ -204,6 +224,9 @@ def main(args: argparse.Namespace) -> int:
               f"model's training split ({membership.kind} set, false-positive rate {membership.fp_rate:.2g})",
               file=sys.stderr)
     write_report(out, metrics, rows, scores, label_names, run_info, title)
+    if not args.compare:  # --overwrite: no comparison left over from an earlier run
+        for stale in ("compare.md", "compare.json"):
+            (out / stale).unlink(missing_ok=True)
     print(metrics_markdown(metrics, title), end="")
     if rows.dropped:
         print(f"rows dropped by the training-time checks: {rows.dropped}", file=sys.stderr)

@@ -22,6 +22,7 @@ MANIFEST_FILE = "data_manifest.json"
 RUN_CONFIG_FILE = "run_config.yaml"
 MEMBERSHIP_FILE = "train_membership.npz"
 EXPORT_FORMAT = 1
+RUN_EXPORT_DIR = "export"  # where `cic-gpt2 train` exports, inside its run directory
 
 
 def export_hf(classifier, out_dir: str | Path, tokenizer, manifest: dict, run_config: Optional[dict] = None,
@@ -80,11 +81,18 @@ class Export:
 
     @classmethod
     def open(cls, path: str | Path) -> "Export":
-        """Read the small files (before any weights, so inputs can be checked first)."""
+        """Read the small files (before any weights, so inputs can be checked first). `path` is an export
+        directory, or a training run directory, whose `export/` is then used."""
         path = Path(path)
+        if not (path / META_FILE).is_file() and (path / RUN_EXPORT_DIR / META_FILE).is_file():
+            path = path / RUN_EXPORT_DIR
         if not (path / META_FILE).is_file():
-            raise CicError(f"{path}: not an exported model (no {META_FILE}); pass the export/ directory of a run "
-                           f"or make one with `cic-gpt2 export CHECKPOINT`")
+            if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+                raise CicError(f"{path}: not an exported model but a training run without an export (no "
+                               f"{path / RUN_EXPORT_DIR / META_FILE}); make it with "
+                               f"`cic-gpt2 export {path} --output {path / RUN_EXPORT_DIR}`")
+            raise CicError(f"{path}: not an exported model (no {META_FILE}); pass a run directory, its export/ "
+                           f"directory, or make one with `cic-gpt2 export CHECKPOINT`")
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
@@ -93,6 +101,12 @@ class Export:
         run_path = path / RUN_CONFIG_FILE
         run_config = (yaml.safe_load(run_path.read_text(encoding="utf-8")) or {}) if run_path.is_file() else {}
         return cls(path=path, meta=meta, manifest=manifest, run_config=run_config)
+
+    def report_dir(self, name: str) -> Path:
+        """Default directory of a report about this model: RUN_DIR/NAME for a run's export/, else a sibling
+        EXPORT_DIR-NAME (never inside the export, which `cic-gpt2 export` replaces whole)."""
+        path = self.path.resolve()
+        return path.parent / name if path.name == RUN_EXPORT_DIR else path.with_name(f"{path.name}-{name}")
 
     @property
     def label_names(self) -> list[str]:

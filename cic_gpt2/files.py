@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from cic_gpt2.errors import CicError
+
 
 def temp_path(path: str | Path) -> Path:
     """A hidden sibling of `path`, unique to this process (two ranks or runs never share one)."""
@@ -32,6 +34,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def check_output(path: str | Path, overwrite: bool, flag: str = "--output") -> Path:
+    """Refuse an existing file, or a non-empty existing directory, at `path` unless `overwrite`: the one
+    "already exists" check of every command that writes a file or report directory (one line, names the fix)."""
+    path = Path(path)
+    if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CicError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
+    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -81,9 +81,16 @@ def plot_confusion_matrix(
 
 
 def plot_loss_curve(records: Sequence[Mapping], path: str | Path) -> Path:
+    """`loss_curve_figure(records)` written to `path` (PNG)."""
+    return _save_atomic(loss_curve_figure(records), path)
+
+
+def loss_curve_figure(records: Sequence[Mapping]):
     """`train/loss` against optimizer step as a line, `val/loss` as points; with `val/macro_f1` or
     `val/accuracy` in the records, a second panel shows them. Records without a `step` are skipped.
-    With no loss recorded at all the figure says so (a run shorter than one log interval)."""
+    With no loss recorded at all the figure says so (a run shorter than one log interval). The x axis is
+    the run's: from step 0 to the last step any record has, so a single validation point sits where it
+    happened in the run, not alone in the middle of an axis matplotlib made up around it."""
     def series(key: str) -> tuple[list[float], list[float]]:
         pts = [(float(r["step"]), float(r[key])) for r in records
                if "step" in r and r.get(key) is not None and math.isfinite(float(r[key]))]
@@ -107,6 +114,10 @@ def plot_loss_curve(records: Sequence[Mapping], path: str | Path) -> Path:
         ax.text(0.5, 0.5, "no train/loss or val/loss recorded", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend()
+    steps = [float(r["step"]) for r in records if "step" in r and math.isfinite(float(r["step"]))]
+    last = max(steps + [1.0])
+    margin = 0.02 * last  # so a point on the last step is not cut in half by the frame
+    ax.set_xlim(min(0.0, min(steps, default=0.0)) - margin, last + margin)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss")
@@ -117,12 +128,13 @@ def plot_loss_curve(records: Sequence[Mapping], path: str | Path) -> Path:
         for key, (xs, ys) in quality.items():
             qax.plot(xs, ys, marker="o", label=key)
         qax.set_xlabel("optimizer step")
+        qax.set_xlim(ax.get_xlim())
         qax.set_ylim(0.0, 1.0)
         qax.set_title("Validation quality")
         qax.legend()
         qax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return fig
 
 
 def plot_per_class_f1(metrics: Mapping, path: str | Path, title: str | None = None) -> Path:

@@ -1,6 +1,7 @@
 """`cic-gpt2 predict`: classify the flows of a CSV with an exported model.
 
     cic-gpt2 predict --model runs/demo/export --input flows.csv --output predictions.csv
+    cic-gpt2 predict --model runs/demo --input flows.csv --output predictions.csv     # a run dir: its export/
     cic-gpt2 predict --model runs/demo/export --input flows.csv --output predictions.csv --top-k 3
     cic-gpt2 predict --model runs/demo/export --input big.csv --output p.csv --all-probs --device cuda --batch-size 256
 
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from cic_gpt2.errors import CicError, DataError
-from cic_gpt2.files import atomic_path
+from cic_gpt2.files import atomic_path, check_output
 
 HELP = "classify flows in a CSV with an exported model (streamed, row-aligned output)"
 DEFAULT_BATCH_SIZE = 64
@@ -30,7 +31,8 @@ STATUS_TOO_LONG = "too_long"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="EXPORT_DIR", help="directory written by train/`cic-gpt2 export`")
+    p.add_argument("--model", required=True, metavar="EXPORT_DIR|RUN_DIR",
+                   help="directory written by `cic-gpt2 export`, or a training run directory (its export/)")
     p.add_argument("--input", required=True, metavar="FLOWS.csv",
                    help="CSV in the model's format (v1/v2 CICIoT2023 columns, or text); label column optional")
     p.add_argument("--output", required=True, metavar="PREDICTIONS.csv", help="where the predictions go")
@@ -110,9 +112,7 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
 
     if top_k < 1 or batch_size < 1 or chunk_rows < 1:
         raise CicError(f"--top-k ({top_k}), --batch-size ({batch_size}) and --chunk-rows ({chunk_rows}) must be >= 1")
-    out = Path(output_path)
-    if out.exists() and not overwrite:
-        raise CicError(f"{out} already exists; pass --overwrite to replace it, or choose another --output")
+    out = check_output(output_path, overwrite)
     files = expand_inputs([str(input_path)])
     if len(files) != 1 or Path(input_path).is_dir():
         raise DataError(f"--input {input_path}: matches {len(files)} files; give one CSV file")

@@ -102,3 +102,26 @@ def test_bad_arguments_are_named(prepared_v2, tmp_path, capsys):
     assert "unknown model 'svm'" in capsys.readouterr().err
     with pytest.raises(DataError, match="manifest.json not found"):
         run_baselines(tmp_path, ["rf"])
+
+
+def test_default_output_is_beside_the_data_and_never_replaced_silently(prepared_v2, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the report must not land in the current directory
+    data = tmp_path / "v2_8"
+    shutil.copytree(prepared_v2, data)
+    args = ("baseline", "--data", data, "--models", "rf", "--seed", "3", "--no-progress")
+    assert run_cli(*args) == 0
+    report = data / "baseline-seed3"
+    first = json.loads((report / "baseline.json").read_text())
+    assert first["seed"] == 3 and list(first["models"]) == ["RandomForest"]
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(report) in err and "--overwrite" in err
+    assert run_cli(*args, "--overwrite") == 0
+    again = json.loads((report / "baseline.json").read_text())
+    assert again["models"]["RandomForest"]["metrics"] == first["models"]["RandomForest"]["metrics"]
+    assert list(cwd.iterdir()) == []

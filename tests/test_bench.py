@@ -2,8 +2,10 @@
 benchmark."""
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,65 @@ def test_bench_memory_cli(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert payload["fits"] == ["zero2_fp16_offload"]
     assert {s["label"] for s in payload["stages"]} >= {"stage 0", "stage 2", "stage 2 + offload"}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ds_config_table(stdout: str) -> dict[str, tuple[str, str]]:
+    """config -> (TOTAL, fits) as printed in the `ds_configs/` table of `bench memory`."""
+    table = stdout.split("ds_configs/", 1)[1].strip().splitlines()
+    head = table[1].split()
+    rows = {}
+    for line in table[2:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[cells[0]] = (cells[head.index("TOTAL")], cells[head.index("fits")])
+    return rows
+
+
+def test_readme_memory_figures_are_the_commands_output(capsys):
+    """README's Performance row for `bench memory` names its command and table; each figure in it must be
+    exactly what that command prints (TOTAL column of the ds_configs/ table, and its fits column)."""
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `bench memory`"))
+    what, figure, baseline = [cell.strip() for cell in row.strip("|").split(" | ")]
+    assert "TOTAL column" in what and "`ds_configs/` table" in what
+    command = re.search(r"`cic-gpt2 (bench memory [^`]+)`", what).group(1).split()
+    checked = 0
+    for cell in (figure, baseline):
+        extra = re.search(r"with `(--[^`]+)`", cell)
+        argv = command + (extra.group(1).split() if extra else [])
+        assert run_cli(*argv) == 0
+        printed = _ds_config_table(capsys.readouterr().out)
+        claims = re.findall(r"`(zero\w+)` (\d+\.\d+) GiB: (fits|does not fit)", cell)
+        assert claims, cell
+        for name, total, fits in claims:
+            assert printed[name] == (total, "yes" if fits == "fits" else "NO"), (argv, name, printed[name])
+            checked += 1
+    assert checked == 3
+
+
+def test_performance_doc_memory_tables_are_the_estimates():
+    """docs/performance.md's two ZeRO-2 tables (micro batch 32 x 64 tokens; 1 and 4 GPUs): every figure, to
+    its printed decimal, and every card list, from `memory.estimate_ds_configs`."""
+    text = (REPO / "docs" / "performance.md").read_text()
+    tables = {1: text.split("One GPU (`--world-size 1`)", 1)[1], 4: text.split("Four GPUs (`--world-size 4`)", 1)[1]}
+    checked = 0
+    for world, body in tables.items():
+        lines = [ln for ln in body.strip().splitlines()[:8] if ln.startswith("| gpt2")]
+        assert len(lines) == 4
+        for line in lines:
+            model, _, *cells, host = [c.strip() for c in line.strip("|").split("|")]
+            case = memory.MemoryCase(memory.model_shape(model), world_size=world, micro_batch_size=32, seq_len=64)
+            fits_on = {gib: {n: e.fits for n, _, e in memory.estimate_ds_configs(case, gib)} for gib in (16, 32, 80)}
+            by_name = {n: e for n, _, e in memory.estimate_ds_configs(case, 16)}
+            for name, cell in zip(("zero2_fp16", "zero2_fp16_offload", "zero2_bf16"), cells):
+                cards = ", ".join(str(g) for g in (16, 32, 80) if fits_on[g][name])
+                assert cell == f"{by_name[name].total_bytes / GIB:.1f} ({cards})", (world, model, name)
+                checked += 1
+            assert host == f"{by_name['zero2_fp16_offload'].host_bytes / GIB:.1f}", (world, model)
+    assert checked == 24
 
 
 def test_bench_memory_rejects_unknown_model(capsys):

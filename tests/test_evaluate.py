@@ -192,3 +192,53 @@ def test_one_and_two_processes_give_identical_numbers(evaluated, tiny_export, pr
     assert one == two
     p1, p2 = pd.read_csv(evaluated / "predictions.csv"), pd.read_csv(out / "predictions.csv")
     pd.testing.assert_frame_equal(p1, p2)
+
+
+def fake_run_dir(tiny_export: Path, root: Path, with_export: bool = True) -> Path:
+    """A training run directory as `cic-gpt2 train` leaves it (checkpoints/, metrics.jsonl), with the tiny
+    model as its export/ (or without one)."""
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
+    if with_export:
+        shutil.copytree(tiny_export, run / "export")
+    return run
+
+
+def test_default_report_dir_is_named_after_model_and_data_and_never_replaced_silently(
+        tiny_export, prepared_v2, tmp_path, monkeypatch, capsys):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the reports must not land in the current directory
+    run = fake_run_dir(tiny_export, tmp_path)
+    args = ("evaluate", "--model", run, "--data", prepared_v2, "--no-progress")  # a run dir: its export/
+    assert run_cli(*args) == 0
+    report = run / f"evaluate-{prepared_v2.name}-test"
+    first = (report / "metrics.json").read_text()
+    assert json.loads(first)["model"] == str((run / "export").resolve())
+    capsys.readouterr()
+    (report / "compare.md").write_text("left from an earlier --compare run\n")
+    # A second evaluation into the same default dir: refused, one line naming the dir and the fix.
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(report) in err and "--overwrite" in err and "Traceback" not in err
+    assert (report / "metrics.json").read_text() == first
+    assert run_cli(*args, "--overwrite") == 0
+    assert json.loads((report / "metrics.json").read_text())["metrics"] == json.loads(first)["metrics"]
+    assert not (report / "compare.md").exists()
+    # An export that is not a run's export/: the report is its sibling EXPORT-evaluate-<csv name>.
+    export = tmp_path / "models" / "tiny-8class"
+    shutil.copytree(tiny_export, export)
+    csv = write_source_rows(range(20), tmp_path / "new_flows.csv")
+    assert run_cli("evaluate", "--model", export, "--data", csv, "--no-progress") == 0
+    assert (tmp_path / "models" / "tiny-8class-evaluate-new_flows" / "metrics.json").is_file()
+    assert sorted(p.name for p in export.parent.iterdir()) == ["tiny-8class", "tiny-8class-evaluate-new_flows"]
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_run_dir_without_an_export_says_how_to_make_one(tiny_export, prepared_v2, tmp_path, capsys):
+    run = fake_run_dir(tiny_export, tmp_path, with_export=False)
+    assert run_cli("evaluate", "--model", run, "--data", prepared_v2, "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cic-gpt2 export {run} --output {run / 'export'}" in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]

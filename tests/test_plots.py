@@ -59,6 +59,27 @@ def test_loss_curve_from_metrics_jsonl_records(tmp_path):
     assert no_temp_files(tmp_path)
 
 
+@pytest.mark.parametrize("train_steps", [[40], [10, 20, 30, 40], []])
+def test_a_single_validation_point_sits_on_the_runs_step_axis(tmp_path, train_steps):
+    """One validation at the last step (step 40) used to get an axis of 38.0-42.0 of its own."""
+    import matplotlib.pyplot as plt
+
+    from cic_gpt2.plots import loss_curve_figure
+
+    records = [{"step": s, "train/loss": 2.0 - s / 100, "train/lr": 1e-3} for s in train_steps]
+    records += [{"step": 40, "val/loss": 1.7, "val/macro_f1": 0.3, "val/accuracy": 0.5}, {"event": "done"}]
+    fig = loss_curve_figure(records)
+    try:
+        for ax in fig.axes:  # both panels: loss and validation quality
+            left, right = ax.get_xlim()
+            assert left <= 0.0 and 40.0 < right <= 41.0, (left, right)
+            assert all(left < x < right for line in ax.get_lines() for x in line.get_xdata())
+        assert len(fig.axes) == 2
+    finally:
+        plt.close(fig)
+    assert read_png(plot_loss_curve(records, tmp_path / "loss_curve.png")) is not None
+
+
 def test_loss_curve_without_loss_records_still_says_so(tmp_path):
     image = read_png(plot_loss_curve([{"step": 1, "train/lr": 0.1}], tmp_path / "loss.png"))
     assert image is not None and (tmp_path / "loss.png").stat().st_size > 0

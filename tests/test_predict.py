@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -23,10 +24,14 @@ CORRUPTED = {
     10: ("NaN", "nan"),
     11: ("empty cell", "nan"),
     70: ("inf", "inf"),
-    130: ("unknown label", "unknown_label"),
-    200: ("truncated line", "missing_label"),  # the cut removed the trailing features and the label
-    N_ROWS - 1: ("truncated last line, no newline", "missing_label"),
+    150: ("line cut to 40 characters", "wrong_field_count"),
+    200: ("line cut to 12 fields", "wrong_field_count"),  # the cut removed the trailing features and the label
+    220: ("three extra fields", "wrong_field_count"),
+    230: ("a field too many in front", "wrong_field_count"),  # every cell one column to the right
+    N_ROWS - 1: ("last line cut mid-value, no final newline", "truncated"),
 }
+# rows whose label alone is broken: predict needs no label, so they are predicted (true_label left empty)
+LABEL_ONLY = {130: "unknown label", 160: "empty label"}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +54,11 @@ def clean_and_corrupted(tmp_path_factory):
     c = cells(11); c[30] = ""; bad[11] = ",".join(c)
     c = cells(70); c[3] = "inf"; bad[70] = ",".join(c)
     c = cells(130); c[-1] = "NotARealAttack"; bad[130] = ",".join(c)
+    bad[150] = bad[150][:40]
+    c = cells(160); c[-1] = ""; bad[160] = ",".join(c)
     bad[200] = ",".join(cells(200)[:12])
+    bad[220] += ",1,2,3"
+    bad[230] = "1," + bad[230]
     bad[N_ROWS - 1] = bad[N_ROWS - 1][: len(bad[N_ROWS - 1]) // 2]
     (d / "corrupted.csv").write_text("\n".join([header, *bad]), encoding="utf-8")  # no final newline
     return d / "clean.csv", d / "corrupted.csv"
@@ -77,7 +86,8 @@ def test_output_is_row_aligned_and_bad_rows_are_reported(tiny_export, clean_and_
     bad = got["row_id"].isin(list(CORRUPTED))
     assert got.loc[bad, ["predicted_label", "probability", "label_2", "prob_3"]].isna().all().all()
     assert f"{len(CORRUPTED)} row(s) without a prediction" in err
-    assert "non_numeric 1" in err and "nan 2" in err and "inf 1" in err and "missing_label 2" in err
+    assert "non_numeric 1" in err and "nan 2" in err and "inf 1" in err and "wrong_field_count 4" in err
+    assert "truncated 1" in err and "missing_label" not in err and "unknown_label" not in err
 
     # Every good row carries the same prediction as in the clean file (no shift, no mix-up).
     ok = ~bad
@@ -86,7 +96,9 @@ def test_output_is_row_aligned_and_bad_rows_are_reported(tiny_export, clean_and_
     np.testing.assert_allclose(got.loc[ok, "probability"], ref.loc[ok, "probability"], rtol=1e-4)
     raw = pd.read_csv(clean, dtype=str)
     assert (ref["true_label"] == [schema.map_label(x, "8") for x in raw["Label"]]).all()
-    assert (got.loc[ok, "true_label"] == ref.loc[ok, "true_label"]).all()
+    label_only = got["row_id"].isin(list(LABEL_ONLY))
+    assert (got.loc[ok & ~label_only, "true_label"] == ref.loc[ok & ~label_only, "true_label"]).all()
+    assert got.loc[label_only, "true_label"].isna().all() and ref.loc[label_only, "true_label"].notna().all()
     assert (ref["probability"] >= ref["prob_2"]).all() and (ref["prob_2"] >= ref["prob_3"]).all()
     assert (ref["predicted_label"] != ref["label_2"]).all()
 
@@ -126,7 +138,7 @@ def test_unlabeled_input(tiny_export, clean_and_corrupted, tmp_path):
 def test_output_appears_only_when_complete(tiny_export, clean_and_corrupted, tmp_path, capsys):
     clean, _ = clean_and_corrupted
     lines = clean.read_text().splitlines()
-    lines[250] += ",1,2,3"  # extra fields: a malformed CSV line, found after earlier chunks were written
+    lines[250] = '"' + lines[250]  # a quote never closed: a malformed CSV, found after earlier chunks were written
     broken = tmp_path / "broken.csv"
     broken.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out" / "p.csv"
@@ -179,3 +191,19 @@ def test_rows_seen_in_training_are_counted(tiny_export, prepared_v2, tmp_path, c
         capsys.readouterr().err
     seen = json.loads((tmp_path / "e" / "metrics.json").read_text())["seen_in_training"]
     assert seen["rows"] == 200 and seen["of"] == 200
+
+
+def test_a_run_directory_is_read_through_its_export(tiny_export, clean_and_corrupted, tmp_path, capsys):
+    from test_evaluate import fake_run_dir
+
+    clean, _ = clean_and_corrupted
+    run = fake_run_dir(tiny_export, tmp_path)
+    assert _predict(run, clean, tmp_path / "from_run.csv") == 0
+    assert _predict(tiny_export, clean, tmp_path / "from_export.csv") == 0
+    assert (tmp_path / "from_run.csv").read_text() == (tmp_path / "from_export.csv").read_text()
+    capsys.readouterr()
+    shutil.rmtree(run / "export")
+    assert _predict(run, clean, tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a training run without an export" in err
+    assert f"`cic-gpt2 export {run} --output {run / 'export'}`" in err and not (tmp_path / "p.csv").exists()

@@ -261,10 +261,21 @@ def test_wrong_or_missing_columns(tmp_path, sample_v2, capsys):
     pd.DataFrame({"a": [1], "b": [2]}).to_csv(tmp_path / "other.csv", index=False)
     assert "matches no known format" in prepare_error(capsys, tmp_path / "other.csv", "--output", tmp_path / "o")
     lines = sample_v2.read_text().splitlines()
-    for at in (1, 3000):  # an extra field in the first data row, or further down
-        (tmp_path / "ragged.csv").write_text("\n".join(lines[:at] + ["1," + lines[at]] + lines[at + 1:]) + "\n")
-        line = prepare_error(capsys, tmp_path / "ragged.csv", "--output", tmp_path / "o", "--chunk-rows", "1000")
-        assert "ragged.csv: malformed CSV" in line
+    (tmp_path / "quote.csv").write_text("\n".join(lines[:3000] + ['"' + lines[3000]] + lines[3001:]) + "\n")
+    line = prepare_error(capsys, tmp_path / "quote.csv", "--output", tmp_path / "o", "--chunk-rows", "1000")
+    assert "quote.csv: malformed CSV" in line  # a quote never closed: the rest of the file is one cell
+
+
+def test_rows_with_the_wrong_field_count_are_dropped_by_name(tmp_path, sample_v2):
+    lines = sample_v2.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    rows[0] = "1," + rows[0]  # an extra field in the first data row: every cell one column to the right
+    rows[2999] += ",7"  # one extra field further down
+    rows[1500] = rows[1500][:40]  # a line cut short
+    rows[-1] = rows[-1][: len(rows[-1]) // 2]  # the file ends mid-row
+    (tmp_path / "ragged.csv").write_text("\n".join([header, *rows]))  # no final newline
+    m = prep(tmp_path / "out", tmp_path / "ragged.csv", args=("--chunk-rows", "1000"))
+    assert m["dropped"] == {"wrong_field_count": 3, "truncated": 1} and m["inputs"][0]["rows"] == 4050
 
 
 def test_mixed_formats_and_unknown_labels(tmp_path, sample_v1, sample_v2, capsys):
