@@ -33,6 +33,7 @@ class CheckpointEstimate:
     checkpoint_bytes: int  # one checkpoint, all ranks' files together
     export_bytes: int
     needed_bytes: int  # checkpoint + export + overhead: what must be free before training starts
+    files: int = 0  # files one checkpoint (+ export) creates: what a file-count quota must allow
 
     def describe(self) -> str:
         return (f"{self.param_count:,} parameters, {self.precision}, {self.world_size} rank(s): one checkpoint "
@@ -53,7 +54,10 @@ def estimate_checkpoint(param_count: int, world_size: int, precision: str = "fp3
     checkpoint = param_count * (OPTIMIZER_BYTES_PER_PARAM + WEIGHT_BYTES[precision])
     export_bytes = param_count * EXPORT_BYTES_PER_PARAM if export else 0
     needed = math.ceil((checkpoint + export_bytes) * (1 + OVERHEAD_RATIO)) + OVERHEAD_BYTES
-    return CheckpointEstimate(param_count, precision, world_size, checkpoint, export_bytes, needed)
+    # per rank: optimizer partition + RNG state; then model states, COMPLETE, latest, 3 side files, the tag
+    # dir; the export: config, weights, tokenizer files, cic_gpt2.json, membership (about a dozen)
+    files = 2 * world_size + 7 + (12 if export else 0)
+    return CheckpointEstimate(param_count, precision, world_size, checkpoint, export_bytes, needed, files)
 
 
 def param_count_for(model_cfg, label_names: list[str]) -> int:
@@ -97,27 +101,45 @@ def check_writable(run_dir: str | Path) -> Path:
 
 
 def check_free_space(run_dir: str | Path, estimate: CheckpointEstimate, keep_last: int = 1,
-                     disk_usage: Optional[Callable] = None) -> int:
-    """CicError unless the filesystem of `run_dir` has room for one checkpoint + export. Returns free bytes."""
+                     disk_usage: Optional[Callable] = None, quotas: Optional[Callable] = None) -> int:
+    """CicError unless `run_dir` has room for one checkpoint + export: on its filesystem, and within the
+    user's and group's Lustre quotas (bytes and file count; `quota.lustre_quotas`, skipped without `lfs`).
+    Returns the free bytes that bind."""
+    from cic_gpt2.quota import lustre_quotas
+
     run_dir = Path(run_dir)
     free = int((disk_usage or shutil.disk_usage)(str(_existing_ancestor(run_dir))).free)
+    peak = (f"keeping checkpoint.keep_last={keep_last} needs "
+            f"~{gib(estimate.checkpoint_bytes * (keep_last + 1) + estimate.export_bytes)} at peak")
     if free < estimate.needed_bytes:
         raise CicError(
             f"not enough free space for one checkpoint in {run_dir}: needs ~{gib(estimate.needed_bytes)}, "
-            f"{gib(free)} free ({estimate.describe()}; keeping checkpoint.keep_last={keep_last} needs "
-            f"~{gib(estimate.checkpoint_bytes * (keep_last + 1) + estimate.export_bytes)} at peak); "
+            f"{gib(free)} free ({estimate.describe()}; {peak}); "
             f"free space or pick a --run-dir on a larger filesystem"
         )
+    for q in (quotas or lustre_quotas)(run_dir):
+        if q.free_bytes is not None and q.free_bytes < estimate.needed_bytes:
+            raise CicError(
+                f"not enough quota for one checkpoint in {run_dir}: needs ~{gib(estimate.needed_bytes)}, "
+                f"{gib(q.free_bytes)} left in the {q.describe()} ({estimate.describe()}; {peak}); delete files "
+                f"(Alliance clusters: `diskusage_report` shows every quota) or pick a --run-dir under another quota")
+        if q.free_files is not None and q.free_files < estimate.files:
+            raise CicError(
+                f"not enough file quota for one checkpoint in {run_dir}: it creates ~{estimate.files} files, "
+                f"{q.free_files:,} left in the {q.describe()}; delete files (or tar small ones) or pick a "
+                f"--run-dir under another quota")
+        if q.free_bytes is not None:
+            free = min(free, q.free_bytes)
     return free
 
 
 def check_run_dir(run_dir: str | Path, model_param_count: int, world_size: int, precision: str = "fp32", *,
-                  export: bool = True, keep_last: int = 1, disk_usage: Optional[Callable] = None
-                  ) -> CheckpointEstimate:
+                  export: bool = True, keep_last: int = 1, disk_usage: Optional[Callable] = None,
+                  quotas: Optional[Callable] = None) -> CheckpointEstimate:
     """The run dir can be written and holds one checkpoint (+ export) of this model; else CicError."""
     estimate = estimate_checkpoint(model_param_count, world_size, precision, export)
     check_writable(run_dir)
-    check_free_space(run_dir, estimate, keep_last, disk_usage)
+    check_free_space(run_dir, estimate, keep_last, disk_usage, quotas)
     return estimate
 
 
