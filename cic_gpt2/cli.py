@@ -16,6 +16,8 @@ from cic_gpt2.errors import CicError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("cic_gpt2.prepare", "CICIoT2023 CSVs -> serialized, tokenized, sharded Arrow splits + manifest"),
     "train": ("cic_gpt2.train", "fine-tune GPT-2 with DeepSpeed ZeRO-2 on prepared splits"),
+    "check": ("cic_gpt2.check", "probe every rank (device, all-reduce, ops, shared run dir, quota, data, model) "
+                                "before training"),
     "export": ("cic_gpt2.export", "DeepSpeed checkpoint -> Hugging Face model directory"),
     "evaluate": ("cic_gpt2.evaluate", "metrics of an exported model on a prepared split or raw CSVs"),
     "predict": ("cic_gpt2.predict", "classify flows in a CSV with an exported model"),
