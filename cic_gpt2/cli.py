@@ -27,6 +27,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EXIT_USER_ERROR = 2
+EXIT_LOST_PEER = 1
+# What gloo / NCCL / c10d say when the other end of a collective is gone or frozen.
+LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+                     "timed out after", "NCCL communicator was aborted", "NCCL error", "Socket Timeout")
+
+
+def lost_peer_message(e: BaseException, command: str) -> str | None:
+    """One line for a collective that failed because a peer rank died or hung (None for anything else)."""
+    import re
+
+    text = str(e)
+    if not (type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError")
+            or (isinstance(e, RuntimeError) and any(m in text for m in LOST_PEER_MARKERS))):
+        return None
+    first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    first = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", first)  # gloo's source location
+    cause = first.split(". This is typically")[0].strip()[:200]
+    rank = os.environ.get("RANK", "?")
+    hint = (", then rerun the same launch command with --resume auto (it continues from the last complete "
+            "checkpoint)") if command == "train" else ", then rerun"
+    return (f"cic-gpt2 {command}: error: rank {rank} lost a peer rank in a collective: {cause}. Another "
+            f"rank crashed, was killed or hung: read its log{hint}. Full traceback: CIC_GPT2_TRACEBACK=1")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -75,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cic-gpt2 {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        line = lost_peer_message(e, command)
+        if line is None or os.environ.get("CIC_GPT2_TRACEBACK") == "1":
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_LOST_PEER
     finally:
         sys.stdout.flush()
 

@@ -142,6 +142,9 @@ def test_kill_9_one_rank_survivor_exits_within_the_timeout_and_resume_matches(re
     survivor_log = (tmp_path / "killed.rank0.log").read_text(errors="replace")
     assert any(s in survivor_log for s in ("Connection closed by peer", "Connection reset by peer", "timed out",
                                            "Timed out", "DistBackendError", "lost")), survivor_log[-3000:]
+    # one line naming what happened and the resume command, not a gloo traceback
+    assert "cic-gpt2 train: error: rank 0 lost a peer rank in a collective" in survivor_log, survivor_log[-3000:]
+    assert "--resume auto" in survivor_log and "Traceback" not in survivor_log, survivor_log[-3000:]
     saved = [(step, ok) for step, _, ok in ckpt.list_checkpoints(run_dir / "checkpoints")]
     last_complete = max(step for step, ok in saved if ok)
     assert SAVE_EVERY <= last_complete < MAX_STEPS, saved
@@ -182,6 +185,7 @@ def test_frozen_rank_survivor_errors_after_the_collective_timeout(prepared_v2, t
     assert timeout_s * 0.5 <= survivor_s < timeout_s + 25, survivor_s
     survivor_log = (tmp_path / "frozen.rank0.log").read_text(errors="replace")
     assert "timed out" in survivor_log.lower() or "timeout" in survivor_log.lower(), survivor_log[-3000:]
+    assert "lost a peer rank in a collective" in survivor_log and "Traceback" not in survivor_log, survivor_log[-3000:]
 
 
 @pytest.mark.slow
