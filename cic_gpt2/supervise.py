@@ -144,13 +144,13 @@ class Forwarder:
 
 def supervise(command: Sequence[str]) -> int:
     """Run `command`; its exit status, or EXIT_REQUEUE when its training run stopped at a preemption checkpoint."""
+    forwarder = Forwarder()
+    forwarder.install()  # first: a signal from now on is kept for the workers, not the death of this process
     run_dir = train_run_dir(command)
     env = dict(os.environ)
     if run_dir is not None:  # without a run dir to read the marker from, the workers' 75 must stay 75
         env[preempt.EXIT_ENV] = "0"
         before = run_state(run_dir)
-    forwarder = Forwarder()
-    forwarder.install()
     try:
         launcher = subprocess.Popen(list(command), env=env)
     except OSError as e:
