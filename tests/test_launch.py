@@ -410,3 +410,52 @@ def test_sigusr1_checkpoints_exits_75_and_resume_matches(torchrun_reference, pre
     assert codes == [0, 0], _logs(run_dir)
     assert f"resumed from {tag_dir}" in _logs(run_dir)
     _assert_same_run(run_dir, torchrun_reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,target", [("torchrun.sh", "worker"), ("torchrun.sh", "launcher"),
+                                           ("deepspeed.sh", "launcher")])
+def test_launcher_preemption_exits_75(torchrun_reference, prepared_v2, tmp_path, script, target):
+    """Real torchrun / DeepSpeed launcher, 2 CPU ranks: SIGUSR1 to ONE worker (what `kill -USR1` by hand does)
+    or to the launch script's process (what srun does with the sbatch trap's USR1) after the first step. The
+    launch script's status is 75 with one complete checkpoint and the PREEMPTED marker naming it, no traceback;
+    `--resume auto` through the same script finishes with the uninterrupted run's weights."""
+    from cic_gpt2.checkpoint import list_checkpoints
+    from cic_gpt2.preempt import EXIT_REQUEUE, PREEMPTED_MARKER, read_marker
+    from cic_gpt2.supervise import catches, descendants
+
+    run_dir = tmp_path / "preempted"
+    env = _clean_env(NPROC_PER_NODE="2", NUM_GPUS="2", MASTER_PORT=str(_free_port()))
+    cmd = ["bash", str(REPO / "launch" / script), "--data", str(prepared_v2), "--run-dir", str(run_dir), *TRAIN_ARGS,
+           "--resume", "auto"]
+    log = tmp_path / "preempted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while not (metrics.exists() and "train/loss" in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.05)
+        workers = [pid for pid in descendants(proc.pid) if catches(pid, signal.SIGUSR1)]
+        assert len(workers) == 2, workers  # the training processes (the launchers do not catch SIGUSR1)
+        os.kill(workers[-1], signal.SIGUSR1) if target == "worker" else proc.send_signal(signal.SIGUSR1)
+        status = proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert status == EXIT_REQUEUE, text[-5000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-5000:]
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1 and saved[0][2], saved
+    step, tag_dir, _ = saved[0]
+    assert 1 <= step < MAX_STEPS and read_marker(run_dir) == {"step": step, "checkpoint": str(tag_dir.resolve())}
+    if target == "launcher":
+        return  # the resume is the same as below
+    rc = _run(cmd, {**env, "MASTER_PORT": str(_free_port())}, tmp_path / "resumed.log")
+    assert rc == 0, (tmp_path / "resumed.log").read_text()[-5000:]
+    assert not (run_dir / PREEMPTED_MARKER).exists()  # cleared by the run that continued
+    assert f"resumed from {tag_dir}" in (tmp_path / "resumed.log").read_text()
+    _assert_same_run(run_dir, torchrun_reference)
