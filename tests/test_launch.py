@@ -248,6 +248,62 @@ def test_deepspeed_sh_on_a_workstation(fake_allocation):
 
 
 # ---------------------------------------------------------------------------------------------
+# launch/interpreter.bash: which Python a launch script runs when PYTHON is not set
+# ---------------------------------------------------------------------------------------------
+WRONG_PYTHON = "#!/bin/bash\necho \"$0 $*\" >> \"$STUB_DIR/wrong.log\"\nexit 1\n"  # has no cic_gpt2
+
+
+@pytest.fixture
+def two_pythons(fake_allocation):
+    """PATH: first a `python` that lacks cic_gpt2, then a venv-like bin dir whose `cic-gpt2` command names the
+    stub interpreter that has it (recording its command line) on its #! line."""
+    tmp, env = fake_allocation
+    wrong, venv_bin = tmp / "wrong", tmp / "env" / "bin"
+    wrong.mkdir()
+    venv_bin.mkdir(parents=True)
+    (wrong / "python").write_text(WRONG_PYTHON)
+    shutil.copy(tmp / "bin" / "python", venv_bin / "python3.11")
+    (venv_bin / "cic-gpt2").write_text(f"#!{venv_bin / 'python3.11'}\nimport sys\n")
+    for path in (wrong / "python", venv_bin / "python3.11", venv_bin / "cic-gpt2"):
+        path.chmod(0o755)
+    (tmp / "bin" / "python").unlink()  # no stub `python` on PATH: only the wrong one
+    env = {k: v for k, v in env.items() if k != "PYTHON"}
+    env["PATH"] = f"{wrong}:{tmp / 'bin'}:{venv_bin}:{env['PATH']}"
+    return tmp, env, venv_bin / "python3.11"
+
+
+@pytest.mark.parametrize("script", [p.name for p in LAUNCH_SCRIPTS])
+def test_launch_scripts_run_the_interpreter_of_cic_gpt2_not_the_first_python(two_pythons, script):
+    tmp, env, right = two_pythons
+    env = {**env, "NUM_GPUS": "1", "SLURM_JOB_NODELIST": ""}
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "x=1"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp / "wrong.log").exists()  # the first `python` on PATH was never run
+    line = (tmp / "python.log").read_text().split()
+    assert line[:2] in (["-m", "cic_gpt2"], ["-m", "cic_gpt2.supervise"]) and line[-1] == "x=1"
+    if "supervise" in line[1]:
+        assert line[3] == str(right)  # and the launcher it supervises runs the same interpreter
+
+
+@pytest.mark.parametrize("script", [p.name for p in LAUNCH_SCRIPTS])
+def test_launch_scripts_without_a_usable_python_say_how_to_fix_it(two_pythons, script):
+    tmp, env, right = two_pythons
+    (right.parent / "cic-gpt2").unlink()  # no cic-gpt2 command: only the wrong python is left
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "x=1"], env=env, cwd=tmp, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1, out.stderr  # one line, no traceback
+    assert f"{script}: 'python' cannot import cic_gpt2" in out.stderr and "set PYTHON=" in out.stderr
+    assert not (tmp / "python.log").exists()
+    # PYTHON wins over everything
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "x=1"], env={**env, "PYTHON": str(right)},
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp / "python.log").read_text().split()[-1] == "x=1"
+
+
+# ---------------------------------------------------------------------------------------------
 # Real training on localhost (CPU, gloo, tiny GPT-2, ZeRO-2): every launcher trains the same model
 # ---------------------------------------------------------------------------------------------
 MAX_STEPS = 16
