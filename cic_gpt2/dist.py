@@ -7,8 +7,11 @@ The variables, master address and port, backend and collective timeout: docs/lau
 from __future__ import annotations
 
 import datetime
+import hashlib
+import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -171,6 +174,25 @@ def cuda_index(local_rank: int, visible_devices: int) -> int:
     return local_rank
 
 
+def extensions_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where torch JIT-builds DeepSpeed's C++ ops (the CPU shared-memory comm op, on every run): TORCH_EXTENSIONS_DIR
+    when set, else one directory per torch + DeepSpeed install under ~/.cache/torch_extensions.
+
+    torch's own default (`~/.cache/torch_extensions/py311_cpu`) is shared by every install of one Python
+    version, while each build command names its install's absolute paths (`-I .../site-packages/deepspeed/...`):
+    two installs (a second clone's virtualenv; a launch script running another environment's `python`) then
+    rebuild the op, 60-130 s on 2 cores, every time the other one ran. One directory per install: one build."""
+    env = os.environ if env is None else env
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return env["TORCH_EXTENSIONS_DIR"]
+    import torch
+
+    origins = [str(getattr(importlib.util.find_spec(name), "origin", None)) for name in ("torch", "deepspeed")]
+    key = hashlib.sha256("\n".join([torch.__version__, *origins]).encode()).hexdigest()[:12]
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "torch_extensions", f"cic-gpt2-py{sys.version_info[0]}{sys.version_info[1]}-{key}")
+
+
 def backend_for_device() -> str:
     import torch
 
@@ -189,8 +211,10 @@ def init(info: DistInfo, timeout_s: float = 600.0) -> str:
     if backend == "nccl":
         local_device = cuda_index(info.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_device)
-    # DeepSpeed reads only these variables; LOCAL_RANK is the device index it binds to.
+    # DeepSpeed reads only these variables; LOCAL_RANK is the device index it binds to. The op build directory is
+    # fixed before init_distributed builds its comm op, the same for every launcher and rank of this install.
     os.environ.update(
+        TORCH_EXTENSIONS_DIR=extensions_dir(),
         RANK=str(info.rank),
         LOCAL_RANK=str(local_device),
         WORLD_SIZE=str(info.world_size),

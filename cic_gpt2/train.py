@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cic_gpt2 import ds_config, preflight
-    from cic_gpt2.checkpoint import Checkpointer
+    from cic_gpt2 import ds_config, preempt, preflight
+    from cic_gpt2.checkpoint import Checkpointer, tag_for
     from cic_gpt2.model import load_model_tokenizer
     from cic_gpt2.preempt import PreemptionWatcher
     from cic_gpt2.prepared import Prepared
@@ -56,6 +56,9 @@ def main(args: argparse.Namespace) -> int:
     prepared.check_tokenizer(tokenizer, what=f"model {cfg.model.name}'s tokenizer")
     resume_from = Checkpointer.resolve(cfg)
     preflight.check_train_run(cfg, prepared.manifest, info.world_size, ds_config.precision_of(ds_dict), resume_from)
+    preempted_status = preempt.exit_status()  # 75, or 0 under cic_gpt2.supervise (which returns 75 itself)
+    if info.is_main:
+        preempt.clear_marker(cfg.log.run_dir)
     # Installed before the group and the model exist: a SIGUSR1/SIGTERM while the model loads (minutes for
     # GPT-2-Large) must still end in a checkpoint + exit 75 at the first step boundary, not in death.
     watcher = PreemptionWatcher().install()
@@ -64,7 +67,13 @@ def main(args: argparse.Namespace) -> int:
         dist.init(info, cfg.dist.timeout_s)
         trainer = build_trainer(cfg, info, ds_dict, prepared, tokenizer, resume_from, watcher)
         status = trainer.fit()
-        return finish(trainer) if status == 0 else status
+        if status == 0:
+            status = finish(trainer)  # 75 too when preempted during the final evaluation
+        if status == preempt.EXIT_REQUEUE:
+            tag_dir = trainer.checkpointer.ckpt_dir / tag_for(trainer.step)
+            preempt.mark_preempted(cfg.log.run_dir, tag_dir, trainer.step, info.is_main)
+            return preempted_status
+        return status
     finally:
         if trainer is not None:
             trainer.close()

