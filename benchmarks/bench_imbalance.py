@@ -12,7 +12,9 @@ keeps at least --min-rows rows.
 
 Duplicates must not leak from train into val/test: the distinct row texts (the compact template, what the
 model reads) are divided between the splits first, per class, and each CSV slot is filled from the pool of
-the split that `prepare`'s own seeded split (`prepare.assign_splits`) will put it in. After
+the split that `prepare --dedup none`'s own seeded split (`splits.assign_splits`) will put it in (the
+resample duplicates rows on purpose, so `--dedup group` would regroup them; the split of the distinct texts
+above is what keeps val/test free of training texts). After
 `python -m cic_gpt2 prepare --classes 8` the script checks that the splits came out as planned and that no
 val/test text occurs in train. Then it trains the tiny preset once per variant (same seed, same steps) with
 `torchrun ... -m cic_gpt2 train` and prints test macro-F1, accuracy and the recall of the minority classes.
@@ -68,7 +70,7 @@ def build_csv(path: Path, rows: int, min_rows: int, seed: int) -> dict:
     import pandas as pd
 
     from cic_gpt2 import schema, templates
-    from cic_gpt2.prepare import assign_splits
+    from cic_gpt2.splits import assign_splits
 
     lines = SAMPLE.read_bytes().split(b"\r\n")
     header, data = lines[0], [line for line in lines[1:] if line]
@@ -162,7 +164,7 @@ def main() -> int:
     built = build_csv(csv, args.rows, args.min_rows, args.seed)
     prepared_dir = out / "prepared"
     subprocess.run([sys.executable, "-m", "cic_gpt2", "prepare", str(csv), "--output", str(prepared_dir),
-                    "--classes", "8", "--seed", str(args.seed), "--overwrite"], check=True, capture_output=True)
+                    "--classes", "8", "--seed", str(args.seed), "--overwrite", "--dedup", "none"], check=True, capture_output=True)
     counts = check_prepared(prepared_dir, built["planned"])
     present = [g for g, n in counts["train"].items() if n]
     minority = sorted(present, key=lambda g: counts["train"][g])[:3]
