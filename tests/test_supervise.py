@@ -43,6 +43,9 @@ WORKER = textwrap.dedent("""
         time.sleep(0.02)  # the stand-in for the all-reduce that makes every rank stop at the same step
     if watcher.requested:
         (out / "agreed").touch()
+    elif os.environ.get("OWN_SIGNAL_TOO") == "1":  # the other worker agreed first; our forwarded signal is coming
+        while not watcher.requested and time.monotonic() < deadline:
+            time.sleep(0.02)
     (out / f"worker{rank}.json").write_text(json.dumps(
         {"signal": watcher.received.name if watcher.received else None, "exit_env": os.environ.get(preempt.EXIT_ENV)}))
     if not (out / "agreed").exists():
@@ -98,7 +101,7 @@ def _start_and_signal(tmp: Path, env: dict, cmd: list[str], sig: signal.Signals,
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_to_the_supervisor_reaches_every_worker_and_ends_in_75(fake, sig):
     tmp, run_dir, env, cmd = fake
-    status, err = _start_and_signal(tmp, {**env, "HANDLER_DELAY_S": "1.5"}, cmd, sig)
+    status, err = _start_and_signal(tmp, {**env, "HANDLER_DELAY_S": "1.5", "OWN_SIGNAL_TOO": "1"}, cmd, sig)
     workers = [json.loads((tmp / f"worker{r}.json").read_text()) for r in (0, 1)]
     # forwarded as SIGUSR1, once each, to workers that caught it (none killed by a signal before its handler)
     assert [w["signal"] for w in workers] == ["SIGUSR1", "SIGUSR1"], err
