@@ -150,7 +150,7 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--nproc", type=int, default=2, help="training processes (1: no launcher)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resample, the split and training")
-    p.add_argument("--variants", default="none,weights,sampler", help=f"comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="none,weights,sqrt,sampler", help=f"comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--out-dir", default="bench_imbalance_out")
     args = p.parse_args()
     variants = args.variants.split(",")
