@@ -148,7 +148,8 @@ class LogConfig:
     tensorboard: bool = True
     """Also write TensorBoard scalars to run_dir/tb (run_dir/metrics.jsonl is always written)."""
     progress: bool = True
-    """Progress bar on rank 0."""
+    """Progress on rank 0: a bar on a terminal, a plain line every CIC_GPT2_PROGRESS_EVERY_S s into a log or
+    under SLURM (docs/training.md, "Progress in logs")."""
 
 
 @dataclass(frozen=True)

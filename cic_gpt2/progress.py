@@ -124,7 +124,7 @@ class PlainProgress:
             from tqdm import tqdm
 
             return tqdm.format_sizeof(value, divisor=1000)
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     def _emit(self, now: float) -> None:
         self.emitted_n = self.n
