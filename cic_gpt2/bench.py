@@ -193,7 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
         precision = precision_name(engine)
         batches = synthetic_batches(lengths, cfg.train.micro_batch_size, hf_config.vocab_size, len(label_names),
                                     tokenizer.eos_token_id, cfg.data, cfg.train.seed + info.rank)
-        from tqdm.auto import tqdm
+        from cic_gpt2.progress import bar as tqdm  # plain lines, not \r redraws, into a log
 
         bar = tqdm(total=args.warmup_steps + args.steps, desc="bench", unit="step", disable=not info.is_main)
         for _ in range(args.warmup_steps):  # warm-up: allocator, kernels, loss-scale search; not measured

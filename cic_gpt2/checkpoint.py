@@ -7,6 +7,7 @@ marker and resume at another world size: docs/training.md ("Checkpoints and resu
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -19,9 +20,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import yaml
 
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.files import write_text
+from cic_gpt2.schedule import LrPlan, check_resume
 
 COMPLETE_MARKER = "COMPLETE"
 UNIVERSAL_DIR = "universal"
@@ -151,6 +154,8 @@ def save(
         for name, text in side_files.items():
             write_text(tag_dir / name, text)
         marker = {"step": step, "world_size": world_size, "time": time.time()}
+        if "lr_plan" in client_state:  # read before the engine exists, to rebuild the LR schedule
+            marker["lr_plan"] = client_state["lr_plan"]
         write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n")
         prune(ckpt_dir, keep_last, keep_steps)
     _barrier()  # nobody leaves (e.g. to exit for requeue) before the marker exists
@@ -172,6 +177,12 @@ def prune(ckpt_dir: str | Path, keep_last: int, keep_steps: tuple[int, ...] = ()
 
 def saved_world_size(tag_dir: Path) -> int:
     return int(read_marker(tag_dir)["world_size"])
+
+
+def saved_run_config(tag_dir: Path) -> dict:
+    """The resolved run config the checkpoint was trained with ({} for a checkpoint without one)."""
+    path = Path(tag_dir) / "run_config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
 
 
 def convert_to_universal(tag_dir: Path, *, is_main: bool) -> Path:
@@ -244,12 +255,35 @@ class Checkpointer:
     @staticmethod
     def resolve(cfg) -> Optional[Path]:
         """The tag dir `checkpoint.resume` names (None: a fresh start); refuses to start afresh over an
-        earlier run's checkpoints."""
+        earlier run's checkpoints, and to resume under another LR schedule (unless train.extend_schedule)."""
         resume_from = resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir)
         if resume_from is None and latest_complete(Path(cfg.log.run_dir) / "checkpoints") is not None:
             raise ConfigError(f"{cfg.log.run_dir} already holds checkpoints of an earlier run: continue it with "
                               f"--resume auto, or pick a new --run-dir")
+        if resume_from is not None:
+            check_resume(saved_run_config(resume_from).get("train"), cfg.train, resume_from,
+                         int(read_marker(resume_from)["step"]))
         return resume_from
+
+    def lr_plan(self, train_cfg, total_steps: int, steps_per_epoch: int) -> LrPlan:
+        """The LR schedule of this run: a fresh one, the checkpoint's (which may itself be extended), or,
+        with train.extend_schedule and another length, the checkpoint's extended from its step."""
+        if self.resume_from is None:
+            return LrPlan.of(train_cfg, total_steps)
+        marker = read_marker(self.resume_from)
+        if "lr_plan" in marker:
+            saved = LrPlan.from_dict(marker["lr_plan"])
+        else:  # saved before plans were recorded: its run config defines it
+            old = saved_run_config(self.resume_from).get("train", {})
+            if not old:
+                return LrPlan.of(train_cfg, total_steps)
+            old_total = old["max_steps"] or max(1, math.ceil(old["epochs"] * steps_per_epoch))
+            saved = LrPlan(old_total, old["warmup_steps"], old["schedule"], old["min_lr_ratio"])
+        if saved.total_steps == total_steps:
+            return saved
+        if train_cfg.extend_schedule:
+            return saved.extended(total_steps, int(marker["step"]))
+        return LrPlan.of(train_cfg, total_steps)  # same keys, another data size (epochs): this run's plan
 
     def engine_config(self, ds_dict: dict) -> dict:
         """Collective when resharding: converts the checkpoint and returns the DeepSpeed dict that loads it."""

@@ -11,6 +11,7 @@ import sys
 
 from cic_gpt2 import __version__
 from cic_gpt2.errors import CicError
+from cic_gpt2.progress import quiet_library_bars
 
 # name -> (module, one-line help). Help text lives here so `--help` imports nothing heavy.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         _top_parser().parse_args([command])  # prints the choices and exits 2
+    quiet_library_bars()  # before the command imports transformers / datasets
     try:
         args = build_parser(command).parse_args(rest)
         return int(args._main(args) or 0)

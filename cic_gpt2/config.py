@@ -86,6 +86,10 @@ class TrainConfig:
     """Linear warmup from 0 to `lr` over this many optimizer steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
+    extend_schedule: bool = False
+    """On resume with another train.max_steps / train.epochs: re-plan the LR decay from the resume step (at
+    the checkpoint's LR there) to min_lr_ratio at the new last step. False: such a resume is refused (the
+    other schedule keys must always match the checkpoint's). Rule: docs/training.md."""
     weight_decay: float = 0.01
     """AdamW weight decay on weight matrices; biases and LayerNorm gains get none."""
     grad_clip: float = 1.0
@@ -144,7 +148,8 @@ class LogConfig:
     tensorboard: bool = True
     """Also write TensorBoard scalars to run_dir/tb (run_dir/metrics.jsonl is always written)."""
     progress: bool = True
-    """Progress bar on rank 0."""
+    """Progress on rank 0: a bar on a terminal, a plain line every CIC_GPT2_PROGRESS_EVERY_S s into a log or
+    under SLURM (docs/training.md, "Progress in logs")."""
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def compare_with_baselines(out: Path, model_name: str, metrics: dict, prepared_d
 
 # ================================================================================================ main
 def main(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from cic_gpt2.progress import bar as tqdm  # plain lines, not \r redraws, into a log
 
     from cic_gpt2.exported import Export
     from cic_gpt2.inference import metrics_from_scores, pad_id_of, resolve_device, score_distributed

@@ -104,7 +104,7 @@ def predict_csv(model_dir: str | Path, input_path: str | Path, output_path: str 
     """Write the predictions CSV (docs/predict.md). Returns a summary: {rows, predicted, not_predicted
     {status: n}, seconds, flows_per_s, seen_in_training (rows whose feature vector was in the model's
     training split; None when the export carries no training set)}. `loaded` reuses a `(classifier, tokenizer)` from `Export.load`."""
-    from tqdm.auto import tqdm
+    from cic_gpt2.progress import bar as tqdm  # plain lines, not \r redraws, into a log
 
     from cic_gpt2.encode import check_format, encode_csvs, expand_inputs
     from cic_gpt2.exported import Export

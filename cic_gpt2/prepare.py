@@ -30,7 +30,7 @@ from cic_gpt2.encode import (DEFAULT_CHUNK_ROWS, FEATURE_HASH, TEXT_HASH, Encode
 from cic_gpt2.errors import DataError
 from cic_gpt2.files import replace_dir
 from cic_gpt2.prepared import TRAIN_HASHES
-from cic_gpt2.templates import TEMPLATES
+from cic_gpt2.templates import TEMPLATES, TEXT_TEMPLATE
 
 HELP = "CICIoT2023 CSVs -> serialized, tokenized, sharded Arrow splits + manifest.json"
 SPLITS = ("train", "val", "test")
@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default=None, help="label column name (default: the column named label, any case)")
     p.add_argument("--unknown-labels", choices=("error", "drop"), default="error",
                    help="labels outside the taxonomy: stop with an error listing them, or drop those rows")
-    p.add_argument("--small-classes", choices=("error", "drop"), default="error",
-                   help="classes with fewer than 3 rows (one per split): error, or drop their rows")
+    p.add_argument("--small-classes", choices=("error", "drop"), default="drop",
+                   help="classes with fewer rows than splits (3): drop their rows with a warning naming them "
+                        "(default), or stop with an error")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split and the per-class cap")
     p.add_argument("--max-per-class", type=int, default=None, metavar="N",
@@ -204,7 +205,9 @@ def main(args: argparse.Namespace) -> int:
     # A pool costs seconds to start (each worker imports transformers): not worth it for small inputs.
     workers = args.workers if sum(f.stat().st_size for f in files) >= SMALL_INPUT_BYTES else 1
     fixed_names = None if args.classes == "raw" else list(schema.label_names(args.classes))
-    spec = InputSpec(format=fmt, features=schema.FEATURES_BY_FORMAT[fmt], template=args.template,
+    # A text CSV's text is its serialization: no template renders it, and the manifest says so.
+    template = TEXT_TEMPLATE if fmt == schema.FORMAT_TEXT else args.template
+    spec = InputSpec(format=fmt, features=schema.FEATURES_BY_FORMAT[fmt], template=template,
                      classes=args.classes, label_column=layouts[0].label_column, unknown_labels=args.unknown_labels)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +227,8 @@ def main(args: argparse.Namespace) -> int:
         labels = label_map.astype(labels.dtype)[labels]  # int16 kept: 2 bytes per row
         split_code, dup_stats = splits.split_rows(labels, hashes, names, ratios, args.seed, args.max_per_class,
                                                args.small_classes, args.dedup, args.split)
+        small_dropped = {names[c]: int(n) for c, n in enumerate(
+            np.bincount(labels[split_code == splits.TOO_SMALL], minlength=len(names))) if n}
         for code, reason in splits.DROP_REASONS.items():
             dropped[reason] += int((split_code == code).sum())
         dropped = Counter({k: v for k, v in dropped.items() if v})
@@ -240,6 +245,7 @@ def main(args: argparse.Namespace) -> int:
         manifest = _build_manifest(args, spec, layouts, rows_by_file, names, ratios, labels, split_code, hist,
                                    dropped, tok)
         manifest["dedup"] = dedup
+        manifest["small_classes_dropped"] = small_dropped
         (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(data_dir, out)
     finally:
@@ -257,7 +263,7 @@ def _encode_rows(layouts, spec: InputSpec, tokenizer, chunk_rows: int, workers: 
     Returns (label name -> provisional id (taxonomy order, or raw labels by first appearance), provisional
     label id of each kept row, hash of each kept row, rows dropped per reason, rows read per file).
     """
-    from tqdm.auto import tqdm
+    from cic_gpt2.progress import bar as tqdm  # plain lines, not \r redraws, into a log
 
     label_ids: dict[str, int] = {n: i for i, n in enumerate(fixed_names or [])}
     labels_parts: list[np.ndarray] = []
@@ -299,7 +305,7 @@ def _build_manifest(args: argparse.Namespace, spec: InputSpec, layouts, rows_by_
         "format": spec.format,
         "label_column": spec.label_column,
         "features": list(spec.features),
-        "template": args.template,
+        "template": spec.template,
         "classes": args.classes,
         "label_names": list(names),
         "label2id": {n: i for i, n in enumerate(names)},
@@ -327,6 +333,12 @@ def _print_summary(m: dict, out: Path, elapsed: float, t_encode: float) -> None:
           f"p95 {m['token_stats']['p95']}, max {m['token_stats']['max']}")
     print(f"classes {m['classes']} ({len(m['label_names'])}): "
           + ", ".join(f"{s} {m['splits'][s]['rows']:,}" for s in SPLITS))
+    if m["small_classes_dropped"]:
+        need = splits.min_rows_per_class(m["split"]["ratios"])
+        listed = ", ".join(f"{k} ({v:,} row{'s' if v != 1 else ''})" for k, v in m["small_classes_dropped"].items())
+        print(f"warning: dropped {len(m['small_classes_dropped'])} class(es) with fewer than {need} rows (one per "
+              f"split): {listed}; the model will not know them (more data or a coarser --classes keeps them; "
+              f"--small-classes error stops instead)")
     dropped = m["dropped"]
     print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in dropped.items()) if dropped else "none"))
     for line in splits.report_lines(m["dedup"]):

@@ -252,9 +252,9 @@ def _small_classes(labels: np.ndarray, names: list[str], ratios, policy: str, sp
     need = min_rows_per_class(ratios)
     small = {c for c in range(len(names)) if 0 < counts[c] < need}
     if small and policy == "error":
-        listed = ", ".join(f"{names[c]} ({counts[c]} rows)" for c in sorted(small))
+        listed = ", ".join(f"{names[c]} ({counts[c]} row{'s' if counts[c] != 1 else ''})" for c in sorted(small))
         raise DataError(f"classes too small for a {split_text} split (need >= {need} rows each): {listed}; "
-                        f"use --small-classes drop, a coarser --classes, or more data")
+                        f"drop them with --small-classes drop (the default), or use a coarser --classes or more data")
     return small
 
 

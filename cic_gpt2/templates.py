@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 from cic_gpt2.schema import FRACTION_FEATURES
 
 TEMPLATES = ("compact", "seed", "kv")
+# What a prepared text-format CSV reports as its template: its text column passes through unrendered.
+TEXT_TEMPLATE = "text"
 SEED_MAX_CHARS = 400
 
 # Short keys, each ONE GPT-2 token after a space (tests check it). Duration (v1) and Time_To_Live (v2) are

@@ -20,20 +20,20 @@ from cic_gpt2.config import RunConfig, to_dict
 from cic_gpt2.data import stratified_subset
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.files import write_text
+from cic_gpt2.schedule import LrPlan
 
 
 class TrainingStopped(CicError):
     """Training cannot usefully continue (e.g. fp16 loss scale stuck at its minimum)."""
 
 
-def build_engine(cfg: RunConfig, classifier, ds_dict: dict, total_steps: int):
+def build_engine(cfg: RunConfig, classifier, ds_dict: dict, total_steps: int, plan: Optional[LrPlan] = None):
     """The DeepSpeed engine (collective: every rank). AdamW from the DeepSpeed dict, without weight decay on
-    biases and LayerNorm gains; the run config's warmup + decay schedule as a LambdaLR that DeepSpeed steps
-    (never on fp16-skipped steps) and saves with each checkpoint."""
+    biases and LayerNorm gains; the LR schedule (`plan`, default the run config's warmup + decay over
+    total_steps) as a LambdaLR that DeepSpeed steps (never on fp16-skipped steps) and saves with each
+    checkpoint."""
     import deepspeed
     import torch
-
-    from cic_gpt2.ds_config import lr_ratio
 
     tr = cfg.train
     decay, no_decay = [], []
@@ -41,7 +41,7 @@ def build_engine(cfg: RunConfig, classifier, ds_dict: dict, total_steps: int):
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    schedule = lambda step: lr_ratio(step, total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)  # noqa: E731
+    schedule = (plan or LrPlan.of(tr, total_steps)).ratio
     engine, _, _, _ = deepspeed.initialize(
         model=classifier,
         model_parameters=groups,
@@ -155,8 +155,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, info: dist.DistInfo, engine, classifier, tokenizer, prepared,
                  checkpointer: Checkpointer, logger, watcher, total_steps: int, start_step: int = 0,
-                 skipped_steps: int = 0, best: Optional[dict] = None, val_pending: bool = False):
-        from tqdm.auto import tqdm
+                 skipped_steps: int = 0, best: Optional[dict] = None, val_pending: bool = False,
+                 lr_plan: Optional[LrPlan] = None):
+        from cic_gpt2.progress import bar
 
         self.cfg, self.info, self.engine, self.classifier = cfg, info, engine, classifier
         self.tokenizer, self.prepared, self.label_names = tokenizer, prepared, prepared.label_names
@@ -168,6 +169,8 @@ class Trainer:
         self.train_split = prepared.split("train")
         self.steps_per_epoch = len(self.train_split) // self.global_batch_size
         self.precision = perf.precision_name(engine)
+        self.lr_plan = lr_plan or LrPlan.of(tr, total_steps)
+        self.step_lr = 0.0  # the LR the last optimizer step ran with, read from the engine
         lengths = self.train_split["length"]
         seq_len = int(min(sum(lengths) / max(len(lengths), 1), cfg.data.max_length or math.inf)) or 1
         self.window = MetricsWindow(self.device, info.world_size,
@@ -180,8 +183,8 @@ class Trainer:
         # Periodic validation's rows: the whole split (None) unless train.eval_max_rows asks for a subset.
         self.val_rows = (stratified_subset(prepared.table("val").column("label").to_numpy(), tr.eval_max_rows, tr.seed)
                          if tr.eval_every and tr.eval_max_rows else None)
-        self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                             disable=not (self.is_main and cfg.log.progress))
+        self.progress = bar(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            disable=not (self.is_main and cfg.log.progress))
         self._epoch_batches = None
 
     def fit(self) -> int:
@@ -225,7 +228,7 @@ class Trainer:
         """One optimizer step: grad_accum micro-batches through the engine (it owns accumulation, loss
         scaling and clipping)."""
         skipped_before = self.engine.skipped_steps
-        self.lr = float(self.engine.get_lr()[0])  # the engine's LR for this step (fp16 skips do not advance it)
+        self.step_lr = float(self.engine.get_lr()[0])  # the engine's LR for this step (fp16 skips do not advance it)
         for batch in self._micro_batches():
             inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
             loss = self.engine(**inputs).loss
@@ -240,7 +243,7 @@ class Trainer:
     def log_train_metrics(self) -> None:
         metrics = self.window.summarize()
         metrics.update({
-            "train/lr": self.lr,
+            "train/lr": self.step_lr,
             "train/loss_scale": self.loss_scale(),
             "train/skipped_steps": self.skips.total,
             "train/epoch": self.step / self.steps_per_epoch,
@@ -294,6 +297,7 @@ class Trainer:
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_batch_size": self.global_batch_size, "seed": self.cfg.train.seed,
             "skipped_steps": self.skips.total, "best": self.best.state(), "val_pending": self.val_pending,
+            "lr_plan": self.lr_plan.to_dict(),
         }, keep_steps=(self.best.best_step,) if self.selecting else ())
 
     def loss_scale(self) -> float:
@@ -352,7 +356,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
             f"micro_batch_size {tr.micro_batch_size} x grad_accum {tr.grad_accum} x {info.world_size} ranks): "
             f"lower train.micro_batch_size or train.grad_accum")
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
-    engine = build_engine(cfg, classifier, ds_dict, total_steps)
+    lr_plan = checkpointer.lr_plan(tr, total_steps, steps_per_epoch)
+    engine = build_engine(cfg, classifier, ds_dict, total_steps, lr_plan)
     state = checkpointer.load(engine, global_batch_size)
     if state is None:
         torch.manual_seed(tr.seed + 1_000_003 * info.rank)  # dropout masks differ between ranks
@@ -364,11 +369,13 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         write_text(run_dir / "ds_config.json", checkpointer.side_files["ds_config.json"])
     trainer = Trainer(cfg, info, engine, classifier, tokenizer, prepared, checkpointer, logger, watcher, total_steps,
                       start_step, int(state.get("skipped_steps", 0)) if state else 0, (state or {}).get("best"),
-                      bool((state or {}).get("val_pending", False)))
+                      bool((state or {}).get("val_pending", False)), lr_plan)
     trainer.say(
         f"training {total_steps} steps ({steps_per_epoch}/epoch, global batch {global_batch_size} = "
         f"{tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {trainer.precision}, "
         f"ZeRO-{engine.zero_optimization_stage()})"
         + (f", resumed from {resume_from} at step {start_step}" if state else "")
-        + (" (resharded via a universal checkpoint)" if checkpointer.universal else ""))
+        + (" (resharded via a universal checkpoint)" if checkpointer.universal else "")
+        + (f"; LR decay re-planned from step {lr_plan.decay_from} (train.extend_schedule)"
+           if state and lr_plan.decay_from else ""))
     return trainer

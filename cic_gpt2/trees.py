@@ -90,7 +90,7 @@ def fit_baselines(
 ) -> tuple[dict, dict[str, BaselineResult]]:
     """Fit each model on the train split, score it on the test split. Returns (manifest, {display name: result})."""
     from threadpoolctl import threadpool_limits
-    from tqdm.auto import tqdm
+    from cic_gpt2.progress import bar as tqdm  # plain lines, not \r redraws, into a log
 
     short_names = parse_models(models)
     if jobs < 1:

@@ -15,7 +15,7 @@ from cic_gpt2.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MANIFEST_KEYS = {"version", "created", "inputs", "format", "label_column", "features", "template", "classes",
                  "label_names", "label2id", "split", "splits", "token_stats", "max_length", "tokenizer", "dropped",
-                 "max_per_class", "dedup"}
+                 "max_per_class", "dedup", "small_classes_dropped"}
 
 
 def prep(out: Path, *inputs, args=()) -> dict:
@@ -112,8 +112,33 @@ def test_v1_with_extra_column_seed_template_and_small_classes(tmp_path, sample_v
     df = load(tmp_path / "v1", "train")
     tok = load_tokenizer()
     assert all(tok.decode(ids).startswith("Network flow with duration ") for ids in df["input_ids"])
-    line = prepare_error(capsys, sample_v1, "--output", tmp_path / "v1b", "--classes", "8")
-    assert "classes too small" in line and "Recon (1 rows)" in line and "--small-classes drop" in line
+    line = prepare_error(capsys, sample_v1, "--output", tmp_path / "v1b", "--classes", "8", "--small-classes", "error")
+    assert "classes too small" in line and "Recon (1 row)" in line and "--small-classes drop" in line
+    assert not (tmp_path / "v1b").exists()
+
+
+@pytest.mark.parametrize("classes, small", [
+    ("34", {"DDoS-ACK_Fragmentation": 1, "DDoS-UDP_Fragmentation": 1, "DDoS-ICMP_Fragmentation": 1,
+            "Recon-HostDiscovery": 1}),
+    ("8", {"Recon": 1}),
+])
+def test_bundled_v1_sample_prepares_with_the_defaults_dropping_classes_too_small(tmp_path, sample_v1, capsys,
+                                                                                 classes, small):
+    """The first thing a new user runs: 100 rows, classes with a single row. It succeeds, says what it
+    dropped on stdout, and the manifest records it."""
+    m = prep(tmp_path / "v1", sample_v1, args=("--classes", classes))
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if line.startswith("warning: dropped")]
+    assert len(warning) == 1, out
+    assert all(f"{name} (1 row)" in warning[0] for name in small) and "--small-classes error" in warning[0]
+    assert m["small_classes_dropped"] == small and m["dropped"] == {"class_too_small": sum(small.values())}
+    kept = {n for s in prepare.SPLITS for n, c in m["splits"][s]["class_counts"].items() if c}
+    assert not kept & set(small)
+
+
+def test_no_small_class_no_warning(tmp_path, sample_v2, capsys):
+    m = prep(tmp_path / "v2", sample_v2, args=("--classes", "2"))
+    assert m["small_classes_dropped"] == {} and "warning: dropped" not in capsys.readouterr().out
 
 
 def test_kv_template_and_raw_classes(tmp_path, sample_v1):
@@ -139,7 +164,9 @@ def test_text_format_of_the_original_script(tmp_path, sample_v2, capsys):
     csv = tmp_path / "text.csv"
     pd.DataFrame({"text": texts, "label": groups}).to_csv(csv, index=False)
     m = prep(tmp_path / "t", csv, args=("--classes", "8"))
-    assert m["format"] == "text" and m["features"] == []
+    # its text passes through unrendered: the template is reported as what it is, not the default "compact"
+    assert m["format"] == "text" and m["features"] == [] and m["template"] == "text"
+    assert "template text:" in capsys.readouterr().out
     df = load(tmp_path / "t", "val")
     assert load_tokenizer().decode(df["input_ids"][0]) == texts[df["row_id"][0]]
     assert df["features"].map(len).max() == 0
