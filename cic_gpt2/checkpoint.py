@@ -179,6 +179,10 @@ def saved_world_size(tag_dir: Path) -> int:
     return int(read_marker(tag_dir)["world_size"])
 
 
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def saved_run_config(tag_dir: Path) -> dict:
     """The resolved run config the checkpoint was trained with ({} for a checkpoint without one)."""
     path = Path(tag_dir) / "run_config.yaml"
@@ -248,6 +252,7 @@ class Checkpointer:
         self.ckpt_dir = Path(cfg.log.run_dir) / "checkpoints"
         self.every_steps, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
         self.info, self.resume_from, self.side_files = info, resume_from, side_files
+        self.grad_clip = cfg.train.grad_clip
         # A checkpoint from another world size is resharded through DeepSpeed's universal format.
         self.universal = resume_from is not None and saved_world_size(resume_from) != info.world_size
         self.last_saved_step = -1
@@ -261,8 +266,12 @@ class Checkpointer:
             raise ConfigError(f"{cfg.log.run_dir} already holds checkpoints of an earlier run: continue it with "
                               f"--resume auto, or pick a new --run-dir")
         if resume_from is not None:
-            check_resume(saved_run_config(resume_from).get("train"), cfg.train, resume_from,
-                         int(read_marker(resume_from)["step"]))
+            from cic_gpt2.resume_guard import check_same_run
+
+            saved_train, step = saved_run_config(resume_from).get("train"), int(read_marker(resume_from)["step"])
+            check_same_run(resume_from, step, _read_json(resume_from / "data_manifest.json"),
+                           _read_json(Path(cfg.data.path) / "manifest.json") or {}, saved_train, cfg.train)
+            check_resume(saved_train, cfg.train, resume_from, step)
         return resume_from
 
     def lr_plan(self, train_cfg, total_steps: int, steps_per_epoch: int) -> LrPlan:
@@ -299,6 +308,11 @@ class Checkpointer:
         state = load(engine, self.resume_from, rank=self.info.rank, world_size=self.info.world_size,
                      global_batch_size=global_batch_size, universal=self.universal)
         self.last_saved_step = int(state["step"])
+        from cic_gpt2.resume_guard import apply_grad_clip
+
+        note = apply_grad_clip(engine, saved_run_config(self.resume_from).get("train"), self.grad_clip)
+        if note and self.info.is_main:
+            print(note, flush=True)
         return state
 
     def due(self, step: int, total_steps: int) -> bool:
