@@ -131,6 +131,8 @@ def test_sbatch_renders_the_training_command(script, fake_allocation):
     assert len(srun_line) == 1 and srun_line[0].startswith("launch/srun.sh ")
     python_line = (tmp / "python.log").read_text().split()
     run_dir = f"{tmp}/scratch/cic-gpt2/runs/cic-test-4242"  # stable across requeues: same job id
+    # a NEW job gets a new id: the log says how to continue this run dir instead (#13 item 16b)
+    assert f"to continue this run in a new job: sbatch --export=ALL,RUN_DIR={run_dir} " in out.stdout + out.stderr
     assert python_line[:3] == ["-m", "cic_gpt2", "train"]
     args = " ".join(python_line[3:])
     assert f"--data {tmp}/scratch/cic-gpt2/data/v2_8class" in args
