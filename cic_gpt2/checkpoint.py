@@ -236,9 +236,20 @@ def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size
             f"micro_batch_size * grad_accum * world_size = {saved_global}"
         )
     rng_file = tag_dir / f"rng_state_rank{rank}.pt"
-    if rng_file.is_file():  # absent for ranks that did not exist when it was saved
+    if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # a rank that did not exist when it was saved (universal resume onto more ranks)
+        seed_new_rank(int(client_state.get("seed", 0)), rank, int(client_state.get("step", 0)))
     return client_state
+
+
+def seed_new_rank(seed: int, rank: int, step: int) -> None:
+    """Its own RNG stream from (train.seed, rank, step): without it every new rank keeps the state of the
+    shared init seed, and they all draw the same dropout masks. Deterministic, so the resume stays exact."""
+    value = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # CUDA generators too
 
 
 # --------------------------------------------------------------------------------------------------

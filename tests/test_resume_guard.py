@@ -8,7 +8,7 @@ import torch
 
 from cic_gpt2 import checkpoint as ckpt
 from conftest import SAMPLE_V2, run_cli
-from test_train import train_here, train_single
+from test_train import torchrun, train_here, train_single
 
 COMMON = ["model.name=tiny", "model.dropout=0", "train.seed=7", "train.max_steps=4", "log.log_every=1",
           "log.progress=false", "log.tensorboard=false", "checkpoint.export=false", "checkpoint.every_steps=2"]
@@ -64,3 +64,22 @@ def test_a_changed_grad_clip_is_applied_on_resume_and_said(four_steps, prepared_
     assert state["clip_grad"] == 0.5
     saved = torch.load(next((tag).glob("*optim_states.pt")), map_location="cpu", weights_only=False)
     assert saved["optimizer_state_dict"]["clip_grad"] == 1.0
+
+
+@pytest.mark.slow
+def test_new_ranks_of_a_universal_resume_get_their_own_rng_streams(prepared_v2, tmp_path):
+    """1 rank -> 4 ranks (global batch 4 kept): ranks 1-3 have no saved RNG file. Each must get its own stream
+    (seed, rank, step), not the shared init seed's state -- read back from the RNG files the resumed run saves."""
+    run_dir = tmp_path / "grow"
+    args = COMMON  # 4 steps, a checkpoint every 2
+    train_single("--data", prepared_v2, "--run-dir", run_dir, *args, "train.micro_batch_size=4")
+    tag = run_dir / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in tag.glob("rng_state_rank*.pt")) == ["rng_state_rank0.pt"]
+    other = tmp_path / "grown"
+    torchrun(4, "--data", prepared_v2, "--run-dir", other, "--resume", tag, *args, "train.micro_batch_size=1",
+             timeout=600)
+    saved = other / "checkpoints" / "step-000004"
+    states = [torch.load(saved / f"rng_state_rank{r}.pt", weights_only=True)["torch"] for r in range(4)]
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(states[i], states[j]), (i, j)
