@@ -150,6 +150,21 @@ def estimate_stages(case: MemoryCase, gpu_mem_gib: float) -> list[MemoryEstimate
     return out
 
 
+def estimate_ds(case: MemoryCase, ds: dict, gpu_mem_gib: float, label: str = "") -> MemoryEstimate:
+    """`case` under one DeepSpeed dict (its precision, ZeRO stage, offload, buckets, fp32 accumulation)."""
+    from cic_gpt2 import ds_config
+
+    zero = ds["zero_optimization"]
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    return estimate(
+        replace(case, precision=ds_config.precision_of(ds)),
+        zero["stage"], offload, gpu_mem_gib,
+        reduce_bucket_size=float(zero.get("reduce_bucket_size", 5e8)),
+        overlap_comm=bool(zero.get("overlap_comm", False)), label=label,
+        fp32_grad_accum=ds.get("data_types", {}).get("grad_accum_dtype") == "fp32",
+    )
+
+
 def estimate_ds_configs(case: MemoryCase, gpu_mem_gib: float) -> list[tuple[str, str, MemoryEstimate]]:
     """Every GPU config in ds_configs/ (its own precision, buckets, offload) -> (name, precision, estimate)."""
     from cic_gpt2 import ds_config
@@ -158,21 +173,10 @@ def estimate_ds_configs(case: MemoryCase, gpu_mem_gib: float) -> list[tuple[str,
     for name in ds_config.available_configs():
         if name.startswith("zero2_cpu"):  # CPU-only configs (tests, demo)
             continue
-        path = ds_config.CONFIG_DIR / f"{name}.json"
-        ds = ds_config.load_ds_json(path)
-        zero = ds["zero_optimization"]
-        precision = ds_config.precision_of(ds)
-        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-        if zero["stage"] > 2:
+        ds = ds_config.load_ds_json(ds_config.CONFIG_DIR / f"{name}.json")
+        if ds["zero_optimization"]["stage"] > 2:
             continue
-        est = estimate(
-            replace(case, precision=precision),
-            zero["stage"], offload, gpu_mem_gib,
-            reduce_bucket_size=float(zero.get("reduce_bucket_size", 5e8)),
-            overlap_comm=bool(zero.get("overlap_comm", False)), label=name,
-            fp32_grad_accum=ds.get("data_types", {}).get("grad_accum_dtype") == "fp32",
-        )
-        rows.append((name, precision, est))
+        rows.append((name, ds_config.precision_of(ds), estimate_ds(case, ds, gpu_mem_gib, label=name)))
     return rows
 
 

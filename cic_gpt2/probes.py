@@ -8,6 +8,7 @@ and the memory plan of the chosen ds_config; every rank exits 1 if any probe fai
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -16,6 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from cic_gpt2 import dist
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared(path: str):
+    """The prepared dataset, read once for the probes that need it."""
+    from cic_gpt2.prepared import Prepared
+
+    return Prepared.load(path)
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,8 @@ def ops_probe(ds_dict: dict) -> str:
 def inputs_probe(cfg) -> str:
     """The prepared data and the model (config, weights file, tokenizer) are readable on this node, offline."""
     from cic_gpt2.model import build_hf_config, load_model_tokenizer, model_source
-    from cic_gpt2.prepared import Prepared
 
-    prepared = Prepared.load(cfg.data.path)
+    prepared = _prepared(cfg.data.path)
     tokenizer = load_model_tokenizer(cfg.model)
     prepared.check_tokenizer(tokenizer, what=f"model {cfg.model.name}'s tokenizer")
     build_hf_config(cfg.model, prepared.label_names)
@@ -81,9 +89,7 @@ def run_dir_probe(cfg, world_size: int, precision: str) -> str:
     """Writable, with room for one checkpoint within filesystem and quota (the checks train makes)."""
     from cic_gpt2 import preflight
 
-    from cic_gpt2.prepared import Prepared
-
-    n_params = preflight.param_count_for(cfg.model, Prepared.load(cfg.data.path).label_names)
+    n_params = preflight.param_count_for(cfg.model, _prepared(cfg.data.path).label_names)
     estimate = preflight.check_run_dir(cfg.log.run_dir, n_params, world_size, precision,
                                        export=cfg.checkpoint.export, keep_last=cfg.checkpoint.keep_last)
     return f"writable, room for ~{preflight.gib(estimate.needed_bytes)}"
@@ -129,23 +135,19 @@ def shared_dir_probe(run_dir: Path, rank: int, world_size: int, nonce: str) -> s
 
 def memory_plan(cfg, ds_dict: dict, world_size: int, gpu_mem_gib: float) -> str:
     """One line: the `bench memory` estimate for this model, batch and ds_config."""
-    from cic_gpt2 import ds_config, memory
-    from cic_gpt2.prepared import Prepared
+    from cic_gpt2 import memory
 
-    prepared = Prepared.load(cfg.data.path)
+    prepared = _prepared(cfg.data.path)
     seq_len = int(min(cfg.data.max_length or prepared.max_length, prepared.max_length))
-    precision = ds_config.precision_of(ds_dict)
-    zero = ds_dict["zero_optimization"]
     case = memory.MemoryCase(memory.model_shape(cfg.model.name), world_size, cfg.train.micro_batch_size, seq_len,
-                             precision, num_labels=len(prepared.label_names))
-    offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
-    est = memory.estimate(case, int(zero["stage"]), offload, gpu_mem_gib,
-                          float(zero.get("reduce_bucket_size", 5e8)), bool(zero.get("overlap_comm", False)),
-                          fp32_grad_accum=ds_dict.get("data_types", {}).get("grad_accum_dtype") == "fp32")
-    verdict = "fits" if est.fits else "DOES NOT FIT"
-    return (f"memory plan: {cfg.model.name}, ZeRO-{zero['stage']}{' + offload' if offload else ''}, {precision}, "
-            f"micro batch {cfg.train.micro_batch_size} x {seq_len} tokens, {world_size} rank(s): "
-            f"~{est.total_bytes / 2**30:.2f} GiB per GPU, {verdict} {gpu_mem_gib:.0f} GiB")
+                             num_labels=len(prepared.label_names))
+    est = memory.estimate_ds(case, ds_dict, gpu_mem_gib)
+    from cic_gpt2.ds_config import precision_of
+
+    return (f"memory plan: {cfg.model.name}, ZeRO-{est.stage}{' + offload' if est.offload else ''}, "
+            f"{precision_of(ds_dict)}, micro batch {cfg.train.micro_batch_size} x {seq_len} tokens, "
+            f"{world_size} rank(s): ~{est.total_bytes / 2**30:.2f} GiB per GPU, "
+            f"{'fits' if est.fits else 'DOES NOT FIT'} {gpu_mem_gib:.0f} GiB")
 
 
 def table(rows: list[tuple[int, str, list[Probe]]]) -> str:
