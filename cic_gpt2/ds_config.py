@@ -116,6 +116,11 @@ def load_ds_json(path: Path) -> dict:
     return data
 
 
+def offload_device(ds: dict) -> str:
+    """Where ZeRO offloads the optimizer: "none", "cpu" or "nvme"."""
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") or "none"
+
+
 def precision_of(ds: dict) -> str:
     fp16 = bool(ds.get("fp16", {}).get("enabled", False))
     bf16 = bool(ds.get("bf16", {}).get("enabled", False)) or bool(ds.get("bfloat16", {}).get("enabled", False))
@@ -135,8 +140,8 @@ def build_ds_config(base: dict, train: TrainConfig, world_size: int, device: Dev
         raise ConfigError(f"{where} enables fp16, which {device.name} does not support: use bf16 or fp32 (train.precision)")
     if precision == "bf16" and not device.bf16:
         raise ConfigError(f"{where} enables bf16, which {device.name} does not support: use fp16 (zero2_fp16) instead")
-    offload = base.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if offload not in ("none", None) and not device.is_cuda:
+    offload = offload_device(base)
+    if offload != "none" and not device.is_cuda:
         raise ConfigError(f"{where} offloads the optimizer to {offload}, which needs a CUDA device; use zero2_cpu on CPU")
 
     ds = copy.deepcopy(base)

@@ -155,7 +155,7 @@ def estimate_ds(case: MemoryCase, ds: dict, gpu_mem_gib: float, label: str = "")
     from cic_gpt2 import ds_config
 
     zero = ds["zero_optimization"]
-    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    offload = ds_config.offload_device(ds) != "none"
     return estimate(
         replace(case, precision=ds_config.precision_of(ds)),
         zero["stage"], offload, gpu_mem_gib,

@@ -62,7 +62,9 @@ def ops_probe(ds_dict: dict) -> str:
         return "torch AdamW on CPU: no compiled op"
     from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
 
-    offload = ds_dict.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    from cic_gpt2.ds_config import offload_device
+
+    offload = offload_device(ds_dict) != "none"
     builder = CPUAdamBuilder() if offload else FusedAdamBuilder()
     start = time.monotonic()
     builder.load(verbose=False)
