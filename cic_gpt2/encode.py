@@ -77,6 +77,7 @@ class InputSpec:
     label2id: dict[str, int] | None = None  # fixed mapping (from a manifest); None: prepare assigns ids
     unknown_labels: str = "error"
     label_required: bool = True  # False (predict): an empty or unknown label leaves the row unlabeled, kept
+    binning: dict | None = field(default=None, hash=False, compare=False)  # template binned: the bin edges
 
 
 @dataclass
@@ -351,7 +352,7 @@ def _encode_chunk(task) -> EncodedChunk:
     keep = reason == 0
     row_ids = first_row_id + np.arange(len(df), dtype=np.int64)
     if texts is None:
-        texts = render(spec.template, values[keep], spec.features)
+        texts = render(spec.template, values[keep], spec.features, spec.binning)
         features = values[keep].astype(np.float32)
         hashes = feature_hashes(features)
     else:
@@ -429,7 +430,7 @@ def encode_csvs(paths, manifest: dict, tokenizer, require_label: bool = True,
     spec = InputSpec(format=manifest["format"], features=tuple(manifest["features"]),
                      template=manifest["template"], classes=manifest["classes"],
                      label_column=manifest.get("label_column"), label2id=dict(manifest["label2id"]),
-                     unknown_labels=unknown_labels, label_required=require_label)
+                     unknown_labels=unknown_labels, label_required=require_label, binning=manifest.get("binning"))
     _, layouts = resolve_layouts(expand_inputs([str(p) for p in paths]), spec.label_column, require_label,
                                  expect_format=spec.format)
     for chunk in stream_chunks(layouts, spec, chunk_rows, 1, tokenizer, with_text):

@@ -49,7 +49,7 @@ def load_checkpoint_classifier(tag_dir: Path):
     from cic_gpt2.config import RunConfig, from_dict
     from cic_gpt2.prepared import check_tokenizer
     from cic_gpt2.model import build_model
-    from cic_gpt2.tokenizer import load_tokenizer
+    from cic_gpt2.tokenizer import dataset_tokenizer
 
     needed = ("run_config.yaml", "data_manifest.json")
     missing = [name for name in needed if not (tag_dir / name).is_file()]
@@ -61,7 +61,7 @@ def load_checkpoint_classifier(tag_dir: Path):
     ds_path = tag_dir / "ds_config.json"
     ds_config = json.loads(ds_path.read_text(encoding="utf-8")) if ds_path.is_file() else None
     cfg = from_dict(RunConfig, run_config)
-    tokenizer = load_tokenizer(manifest.get("tokenizer", {}).get("source"))
+    tokenizer = dataset_tokenizer(manifest)
     check_tokenizer(manifest, tokenizer)
     classifier = build_model(cfg.model, manifest["label_names"], tokenizer, load_weights=False)
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

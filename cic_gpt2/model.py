@@ -91,14 +91,18 @@ def model_source(model_cfg) -> tuple[str, Optional[Path]]:
     return "dir", resolve_model_dir(name)
 
 
-def build_hf_config(model_cfg, label_names: list[str]):
-    """The GPT2Config of the model (no weights), with the head's label maps, pad id and dropout override."""
+def build_hf_config(model_cfg, label_names: list[str], tokenizer=None):
+    """The GPT2Config of the model (no weights), with the head's label maps, pad id and dropout override.
+    A preset's vocabulary is GPT-2's, or `tokenizer`'s when it is another (the binned template's words)."""
     from transformers import GPT2Config
 
     kind, path = model_source(model_cfg)
     if kind == "preset":
-        config = GPT2Config(vocab_size=GPT2_VOCAB_SIZE, n_positions=1024, bos_token_id=GPT2_EOS_ID,
-                            eos_token_id=GPT2_EOS_ID, **PRESETS[model_cfg.name])
+        vocab, eos = GPT2_VOCAB_SIZE, GPT2_EOS_ID
+        if tokenizer is not None and is_word_level(tokenizer):
+            vocab, eos = len(tokenizer), tokenizer.eos_token_id
+        config = GPT2Config(vocab_size=vocab, n_positions=1024, bos_token_id=eos, eos_token_id=eos,
+                            **PRESETS[model_cfg.name])
     else:
         config = _config_from_dir(path)
     config.num_labels = len(label_names)
@@ -135,21 +139,41 @@ def fingerprint(tokenizer) -> str:
     return _FINGERPRINTS[tokenizer]
 
 
-def load_model_tokenizer(model_cfg):
-    """The tokenizer the model's token ids mean: the bundled GPT-2 BPE for presets, else the model dir's own
-    tokenizer files (the bundled GPT-2 BPE when the dir has none, as in a bare GPT-2 checkpoint)."""
-    from cic_gpt2.tokenizer import load_tokenizer
+def is_word_level(tokenizer) -> bool:
+    """True for the binned template's word-level tokenizer (one id per bin word, no BPE merges)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "model", None)).__name__ == "WordLevel"
+
+
+def load_model_tokenizer(model_cfg, manifest: Optional[dict] = None):
+    """The tokenizer the model's token ids mean: the bundled GPT-2 BPE for presets (or, trained from scratch
+    on binned data, that data's word-level tokenizer), else the model dir's own tokenizer files (the bundled
+    GPT-2 BPE when the dir has none, as in a bare GPT-2 checkpoint)."""
+    from cic_gpt2.tokenizer import dataset_tokenizer, load_tokenizer
 
     kind, path = model_source(model_cfg)
     if kind == "dir" and any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         return load_tokenizer(str(path))
+    if kind == "preset" and manifest and manifest.get("binning"):
+        return dataset_tokenizer(manifest)
     return load_tokenizer(None)
 
 
 def check_model_tokenizer(model_cfg, tokenizer) -> None:
-    """Refuse a tokenizer (the dataset's) whose ids mean other words than the model's."""
+    """Refuse a tokenizer (the dataset's) whose ids mean other words than the model's. A preset (random init)
+    learns any word-level vocabulary; pretrained weights know GPT-2's BPE, not bin words."""
     from cic_gpt2.tokenizer import tokenizer_source
 
+    if is_word_level(tokenizer):
+        kind, _ = model_source(model_cfg)
+        if kind == "preset" and model_cfg.head == "seqcls":
+            return
+        if kind == "preset":
+            raise ConfigError("the binned template's bin words have no label words to score: train it with "
+                              "model.head=seqcls (causal-lm needs a BPE text template)")
+        raise CicError(f"the data uses the binned template (bin words, not text) but model {model_cfg.name} is "
+                       f"pretrained on GPT-2 BPE text; binned is for from-scratch presets (tiny, small, ...): "
+                       f"prepare the data with --template compact (or another text template) for this model")
     model_tok = load_model_tokenizer(model_cfg)
     if fingerprint(model_tok) != fingerprint(tokenizer):
         raise CicError(
@@ -341,7 +365,7 @@ def build_model(model_cfg, label_names: list[str], tokenizer, *, load_weights: b
     if len(label_names) < 2:
         raise ConfigError(f"a classifier needs at least 2 labels, the data has {len(label_names)}")
     check_model_tokenizer(model_cfg, tokenizer)
-    config = build_hf_config(model_cfg, label_names)
+    config = build_hf_config(model_cfg, label_names, tokenizer)
     if len(tokenizer) > config.vocab_size:
         raise CicError(f"the tokenizer has {len(tokenizer)} tokens but model {model_cfg.name} only {config.vocab_size}")
     cls = GPT2ForSequenceClassification if model_cfg.head == "seqcls" else GPT2LMHeadModel

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from cic_gpt2 import __version__
-from cic_gpt2 import schema, splits
+from cic_gpt2 import binning, schema, splits
 from cic_gpt2.encode import (DEFAULT_CHUNK_ROWS, FEATURE_HASH, TEXT_HASH, EncodedChunk, InputSpec, expand_inputs,
                              resolve_layouts, stream_chunks, unknown_label_error)
 from cic_gpt2.errors import DataError
@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", choices=schema.CLASSES_CHOICES, default="34",
                    help="label taxonomy: 34 classes, 8 official groups, 2 (Benign/Attack) or raw labels as written")
     p.add_argument("--template", choices=TEMPLATES, default="compact", help="row -> text serialization")
+    p.add_argument("--bins", type=int, default=None, metavar="N",
+                   help="template binned: quantile bins per feature, fitted on the training split (default 32)")
     p.add_argument("--label-column", default=None, help="label column name (default: the column named label, any case)")
     p.add_argument("--unknown-labels", choices=("error", "drop"), default="error",
                    help="labels outside the taxonomy: stop with an error listing them, or drop those rows")
@@ -125,9 +127,24 @@ def _save_split(stream_dir: Path, out_dir: Path, shard_files: list[Path]) -> Non
     (out_dir / "dataset_info.json").write_text(info)
 
 
+def _binned_rerender(bins: dict, names: list[str], tokenizer):
+    """batch -> batch with input_ids/length of the binned texts of its features (prepare's second pass)."""
+    from cic_gpt2.tokenizer import WordEncoder
+
+    encoder = WordEncoder(tokenizer)
+
+    def rerender(batch: pa.RecordBatch) -> pa.RecordBatch:
+        values = batch.column(4).flatten().to_numpy().reshape(batch.num_rows, len(names))
+        flat, offsets = encoder.encode(binning.render(values, names, bins))
+        ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
+        return batch.set_column(0, "input_ids", ids).set_column(2, "length", pa.array(np.diff(offsets), pa.int32()))
+    return rerender
+
+
 def _write_splits(rows_path: Path, work: Path, out: Path, split_code: np.ndarray, label_map: np.ndarray,
-                  num_shards: int | None) -> np.ndarray:
-    """Route the temporary rows into per-split shard files, save them; return the token-length histogram."""
+                  num_shards: int | None, rerender=None) -> np.ndarray:
+    """Route the temporary rows into per-split shard files, save them; return the token-length histogram.
+    `rerender`: batch -> batch with new input_ids/length (template binned: tokenized once the edges exist)."""
     total_bytes = rows_path.stat().st_size
     bytes_per_row = total_bytes / max(1, len(split_code))
     rows_per_split = [int((split_code == s).sum()) for s in range(3)]
@@ -157,6 +174,11 @@ def _write_splits(rows_path: Path, work: Path, out: Path, split_code: np.ndarray
             pos += batch.num_rows
             batch = batch.set_column(1, "label", pa.array(label_map[batch.column(1).to_numpy()], pa.int32()))
             kept = code >= 0
+            if rerender is not None:
+                batch = batch.filter(pa.array(kept))
+                code = code[kept]
+                kept = np.ones(len(code), dtype=bool)
+                batch = rerender(batch)
             lengths = batch.column(2).to_numpy()[kept]
             if len(lengths):
                 hist = np.bincount(lengths)
@@ -201,7 +223,11 @@ def main(args: argparse.Namespace) -> int:
         if layout.ignored:
             print(f"warning: {layout.path}: ignoring columns not used by the {fmt} format: "
                   f"{', '.join(layout.ignored)}", file=sys.stderr)
-    tok = load_tokenizer(args.tokenizer)
+    if args.template != binning.TEMPLATE and args.bins is not None:
+        raise DataError(f"--bins is for --template binned (got --template {args.template})")
+    if args.template == binning.TEMPLATE and args.tokenizer:
+        raise DataError("--template binned builds its own word-level tokenizer from the bin edges; drop --tokenizer")
+    tok = load_tokenizer(args.tokenizer)  # binned: unused in the first pass (rows render as "" until fitted)
     # A pool costs seconds to start (each worker imports transformers): not worth it for small inputs.
     workers = args.workers if sum(f.stat().st_size for f in files) >= SMALL_INPUT_BYTES else 1
     fixed_names = None if args.classes == "raw" else list(schema.label_names(args.classes))
@@ -240,11 +266,19 @@ def main(args: argparse.Namespace) -> int:
         dedup = splits.dedup_report(args.dedup, hash_name, dup_stats, hashes, labels, split_code, names, ratios,
                                     train_hashes)
         del hashes, train_hashes
-        hist = _write_splits(rows_path, work, data_dir, split_code, label_map, args.num_shards)
+        bins, rerender = None, None
+        if spec.template == binning.TEMPLATE:  # the edges come from the training split, known only now
+            sample, n_train = binning.sample_train_features(rows_path, split_code, args.seed)
+            bins = binning.fit(sample, list(spec.features), args.bins or binning.DEFAULT_BINS, sampled_from=n_train)
+            tok = binning.build_tokenizer(bins)
+            rerender = _binned_rerender(bins, list(spec.features), tok)
+        hist = _write_splits(rows_path, work, data_dir, split_code, label_map, args.num_shards, rerender)
         rows_path.unlink()
         manifest = _build_manifest(args, spec, layouts, rows_by_file, names, ratios, labels, split_code, hist,
                                    dropped, tok)
         manifest["dedup"] = dedup
+        if bins is not None:
+            manifest["binning"] = bins
         manifest["small_classes_dropped"] = small_dropped
         (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(data_dir, out)

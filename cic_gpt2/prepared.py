@@ -139,6 +139,10 @@ class Prepared:
                 raise DataError(f"{where}: {key} {self.manifest.get(key)!r} differs from the model's training data "
                                 f"({model_manifest.get(key)!r}); prepare the data with the model's settings, or "
                                 f"pass the raw CSVs as --data")
+        if self.manifest.get("binning") != model_manifest.get("binning"):
+            raise DataError(f"{where}: the binned template's bin edges differ from the model's training data (the "
+                            f"same bin word would mean another value range); pass the raw CSVs as --data: they "
+                            f"are binned with the model's own edges")
         fp_data = self.manifest["tokenizer"]["fingerprint"]
         fp_model = model_manifest["tokenizer"]["fingerprint"]
         if fp_data != fp_model:

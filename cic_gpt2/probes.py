@@ -77,9 +77,9 @@ def inputs_probe(cfg) -> str:
     from cic_gpt2.model import build_hf_config, load_model_tokenizer, model_source
 
     prepared = _prepared(cfg.data.path)
-    tokenizer = load_model_tokenizer(cfg.model)
+    tokenizer = load_model_tokenizer(cfg.model, prepared.manifest)
     prepared.check_tokenizer(tokenizer, what=f"model {cfg.model.name}'s tokenizer")
-    build_hf_config(cfg.model, prepared.label_names)
+    build_hf_config(cfg.model, prepared.label_names, tokenizer)
     kind, path = model_source(cfg.model)
     if kind == "dir" and not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise FileNotFoundError(f"model dir {path} has no *.safetensors / pytorch_model*.bin weights")

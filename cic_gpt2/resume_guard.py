@@ -24,6 +24,8 @@ def data_identity(manifest: dict) -> dict:
     ident["splits"] = {name: split.get("rows") for name, split in sorted(manifest.get("splits", {}).items())}
     ident["tokenizer"] = manifest.get("tokenizer", {}).get("fingerprint")
     ident["dedup"] = (manifest.get("dedup") or {}).get("mode")
+    if manifest.get("binning"):  # the edges decide the bin words: same vocabulary, other meaning
+        ident["binning"] = hashlib.sha256(json.dumps(manifest["binning"], sort_keys=True).encode()).hexdigest()[:16]
     return ident
 
 

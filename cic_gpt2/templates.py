@@ -1,6 +1,7 @@
-"""Row -> text: the three serializations of a CICIoT2023 flow (`compact`, `seed`, `kv`), vectorized.
+"""Row -> text: the serializations of a CICIoT2023 flow (`compact`, `seed`, `kv`, `binned`), vectorized.
 
-`render(template, values, feature_names)` works on whole columns of a chunk; `render_row` renders one row.
+`render(template, values, feature_names, binning)` works on whole columns of a chunk; `render_row` renders one
+row. `binned` (one word per feature, its train-split quantile bin) lives in `cic_gpt2.binning`.
 What each template writes and why: docs/prepare.md ("Templates", "How it scales").
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 
 from cic_gpt2.schema import FRACTION_FEATURES
 
-TEMPLATES = ("compact", "seed", "kv")
+TEMPLATES = ("compact", "seed", "kv", "binned")
 # What a prepared text-format CSV reports as its template: its text column passes through unrendered.
 TEXT_TEMPLATE = "text"
 SEED_MAX_CHARS = 400
@@ -35,8 +36,10 @@ COMPACT_KEYS: dict[str, str] = {
 }
 
 
-def render(template: str, values: np.ndarray, feature_names: Sequence[str]) -> pa.StringArray:
-    """Texts of n rows: `values` is an (n, len(feature_names)) float array of finite numbers."""
+def render(template: str, values: np.ndarray, feature_names: Sequence[str], binning: dict | None = None
+           ) -> pa.StringArray:
+    """Texts of n rows: `values` is an (n, len(feature_names)) float array of finite numbers. `binning`: the
+    manifest's bin edges (template `binned` only; None there renders "" before the edges are fitted)."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] != len(feature_names):
         raise ValueError(f"render: values shape {values.shape} does not match {len(feature_names)} features")
@@ -46,13 +49,17 @@ def render(template: str, values: np.ndarray, feature_names: Sequence[str]) -> p
         return _render_seed(values, list(feature_names))
     if template == "kv":
         return _render_kv(values, list(feature_names))
+    if template == "binned":
+        from cic_gpt2.binning import render as render_binned
+
+        return render_binned(values, list(feature_names), binning)
     raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
-def render_row(template: str, row: dict[str, float]) -> str:
+def render_row(template: str, row: dict[str, float], binning: dict | None = None) -> str:
     """One row's text (for docs and tests; batch work goes through `render`)."""
     names = list(row)
-    return render(template, np.array([[row[n] for n in names]], dtype=np.float64), names)[0].as_py()
+    return render(template, np.array([[row[n] for n in names]], dtype=np.float64), names, binning)[0].as_py()
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -84,6 +84,16 @@ def load_tokenizer(path: str | None = None):
         ) from None
 
 
+def dataset_tokenizer(manifest: dict):
+    """The tokenizer a prepared dataset's ids were made with: the word-level one of its bin edges for the
+    binned template, else the one its manifest names (the bundled BPE or a model directory's)."""
+    if manifest.get("binning"):
+        from cic_gpt2 import binning
+
+        return binning.build_tokenizer(manifest["binning"])
+    return load_tokenizer(manifest.get("tokenizer", {}).get("source"))
+
+
 def tokenizer_source(tok) -> str:
     return str(getattr(tok, "name_or_path", "") or tok.init_kwargs.get("name_or_path", "")) or "unknown"
 

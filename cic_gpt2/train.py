@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("data.path is not set: pass --data DIR (a directory written by `cic-gpt2 prepare`)")
     ds_dict, _ = ds_config.load_and_build(cfg.train, info.world_size)
     prepared = Prepared.load(cfg.data.path)
-    tokenizer = load_model_tokenizer(cfg.model)
+    tokenizer = load_model_tokenizer(cfg.model, prepared.manifest)
     prepared.check_tokenizer(tokenizer, what=f"model {cfg.model.name}'s tokenizer")
     resume_from = Checkpointer.resolve(cfg)
     preflight.check_train_run(cfg, prepared.manifest, info.world_size, ds_config.precision_of(ds_dict), resume_from)
