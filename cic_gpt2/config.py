@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,9 +212,27 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# configs/ (shipped run recipes) sits at the repository root (editable installs); a wheel installs it as data
+# files under <prefix>/share/cic-gpt2/configs.
+_RECIPE_DIRS = (Path(__file__).resolve().parent.parent / "configs", Path(sys.prefix) / "share" / "cic-gpt2" / "configs")
+
+
+def recipe_path(name: str) -> Path:
+    """A shipped recipe by name (`cpu_tiny` -> configs/cpu_tiny.yaml), wherever the install put configs/."""
+    for d in _RECIPE_DIRS:
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    shipped = sorted({p.stem for d in _RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+    raise ConfigError(f"config file {name} not found (not a file, and not a shipped recipe: "
+                      f"{', '.join(shipped) or 'none installed'})")
+
+
 def read_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config file into a nested dict (duplicated keys are errors)."""
+    """Read a YAML or JSON config file into a nested dict (duplicated keys are errors). A bare name that is not
+    a file names a shipped recipe: `--config cpu_tiny` reads configs/cpu_tiny.yaml."""
     path = Path(path)
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1:
+        path = recipe_path(path.name)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     text = path.read_text(encoding="utf-8")

@@ -24,21 +24,10 @@ from cic_gpt2.files import free_port
 HELP = "whole pipeline on the bundled real CICIoT2023 sample (CPU, tiny GPT-2)"
 SAMPLE_V2 = Path(__file__).resolve().parent / "data" / "ciciot2023_v2_39feat_robotumbel_sample.csv"
 
-# Chosen on the sample by validation macro-F1 (docs/training.md has the sweep): a tiny GPT-2 from scratch
-# peaks after ~6 passes over the 3,240 training rows with a high LR; longer runs overfit, the 4-layer `small`
-# preset is 4x slower for no gain. Rows are short (compact template: ~33 tokens, at most 59): no truncation.
-DEMO_TRAIN_OVERRIDES = [
-    "model.name=tiny",
-    "train.epochs=6",
-    "train.micro_batch_size=16",
-    "train.lr=3e-3",
-    "train.warmup_steps=30",
-    "train.schedule=cosine",
-    "train.eval_every=101",
-    "log.log_every=10",
-    "checkpoint.every_steps=303",
-    "checkpoint.keep_last=1",
-]
+# The shipped CPU recipe (configs/cpu_tiny.yaml, chosen on validation macro-F1: docs/training.md has the
+# sweep) on the binned template it was chosen for: a tiny GPT-2 from scratch, one word per feature.
+RECIPE = "cpu_tiny"
+TEMPLATE = "binned"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,19 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def train_command(prepared: Path, run_dir: Path, nproc: int, overrides: list[str]) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    merged = dict(o.split("=", 1) for o in DEMO_TRAIN_OVERRIDES)
-    for item in overrides:  # the user's KEY=VALUE replaces the demo's setting of the same key
+    for item in overrides:  # the user's KEY=VALUE wins over the recipe's setting of the same key
         if "=" not in item:
             raise CicError(f"override {item!r} must look like section.key=value (e.g. train.epochs=2)")
-        key, value = item.split("=", 1)
-        merged[key] = value
     return [*launcher, "-m", "cic_gpt2", "train", "--data", str(prepared), "--run-dir", str(run_dir),
-            *(f"{k}={v}" for k, v in merged.items())]
+            "--config", RECIPE, *overrides]
 
 
 def prepare_command(prepared: Path, classes: str) -> list[str]:
     return [sys.executable, "-m", "cic_gpt2", "prepare", str(SAMPLE_V2), "--output", str(prepared),
-            "--classes", classes, "--seed", "0", "--overwrite"]
+            "--classes", classes, "--template", TEMPLATE, "--seed", "0", "--overwrite"]
 
 
 def run_demo(out_dir: Path, classes: str = "8", nproc: int = 2, overrides: list[str] | None = None,

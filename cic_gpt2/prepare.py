@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default), or stop with an error")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split and the per-class cap")
+    p.add_argument("--max-train-rows", type=int, default=None, metavar="N",
+                   help="keep a seeded stratified N of the training split (val/test unchanged): learning curves")
     p.add_argument("--max-per-class", type=int, default=None, metavar="N",
                    help="keep at most N rows of each class (random, seeded) before splitting")
     p.add_argument("--dedup", choices=splits.MODES, default="group",
@@ -253,6 +255,7 @@ def main(args: argparse.Namespace) -> int:
         labels = label_map.astype(labels.dtype)[labels]  # int16 kept: 2 bytes per row
         split_code, dup_stats = splits.split_rows(labels, hashes, names, ratios, args.seed, args.max_per_class,
                                                args.small_classes, args.dedup, args.split)
+        splits.cut_train(split_code, labels, args.max_train_rows, args.seed)
         small_dropped = {names[c]: int(n) for c, n in enumerate(
             np.bincount(labels[split_code == splits.TOO_SMALL], minlength=len(names))) if n}
         for code, reason in splits.DROP_REASONS.items():
@@ -355,6 +358,7 @@ def _build_manifest(args: argparse.Namespace, spec: InputSpec, layouts, rows_by_
                       "eos_token_id": tokenizer.eos_token_id, "source": tokenizer_source(tokenizer)},
         "dropped": dict(sorted(dropped.items())),
         "max_per_class": args.max_per_class,
+        "max_train_rows": args.max_train_rows,
         "rows_read": int(sum(rows_by_file.values())),
     }
 

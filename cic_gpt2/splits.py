@@ -16,10 +16,29 @@ from cic_gpt2.errors import DataError
 
 MODES = ("group", "drop", "none")
 # Split codes: 0/1/2 = train/val/test; negative = not written, with the drop reason counted in the manifest.
-OVER_CAP, TOO_SMALL, DUPLICATE = -1, -2, -3
-DROP_REASONS = {OVER_CAP: "over_max_per_class", TOO_SMALL: "class_too_small", DUPLICATE: "duplicate"}
+OVER_CAP, TOO_SMALL, DUPLICATE, TRAIN_CUT = -1, -2, -3, -4
+DROP_REASONS = {OVER_CAP: "over_max_per_class", TOO_SMALL: "class_too_small", DUPLICATE: "duplicate",
+                TRAIN_CUT: "over_max_train_rows"}
 TOP_PAIRS = 5
 GREEDY_GROUPS = 10_000  # per stratum: the largest groups placed one by one (a Python loop), the rest vectorised
+
+
+def cut_train(split_code: np.ndarray, labels: np.ndarray, max_rows: int | None, seed: int) -> None:
+    """Keep a seeded stratified `max_rows` of the training rows (every class keeps at least one), marking the
+    rest TRAIN_CUT, in place. Validation and test are untouched: the same split with less training data, for
+    learning curves (benchmarks/bench_learning_curve.py)."""
+    train = np.flatnonzero(split_code == 0)
+    if not max_rows or max_rows >= len(train):
+        return
+    rng = np.random.default_rng([int(seed), 0x7C])
+    keep = []
+    for c in np.unique(labels[train]):
+        rows = train[labels[train] == c]
+        take = max(1, int(round(len(rows) * max_rows / len(train))))
+        keep.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    cut = np.ones(len(train), dtype=bool)
+    cut[np.searchsorted(train, np.concatenate(keep))] = False
+    split_code[train[cut]] = TRAIN_CUT
 
 
 def min_rows_per_class(ratios) -> int:

@@ -55,6 +55,19 @@ def test_duplicate_yaml_key_is_an_error(tmp_path):
         load_config(RunConfig, f)
 
 
+def test_shipped_recipe_by_name(tmp_path, monkeypatch):
+    from cic_gpt2.config import recipe_path
+
+    cfg = load_config(RunConfig, "cpu_tiny", ["train.epochs=2"])
+    assert recipe_path("cpu_tiny").name == "cpu_tiny.yaml"
+    assert cfg.model.name == "tiny" and cfg.train.class_weights == "sqrt" and cfg.train.epochs == 2
+    with pytest.raises(ConfigError, match="not a shipped recipe: cpu_tiny"):
+        load_config(RunConfig, "cpu_huge")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpu_tiny").write_text("train:\n  epochs: 9\n")  # a file of that name wins over the recipe
+    assert load_config(RunConfig, "cpu_tiny").train.epochs == 9
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(RunConfig, tmp_path / "nope.yaml")

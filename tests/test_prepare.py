@@ -15,7 +15,7 @@ from cic_gpt2.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MANIFEST_KEYS = {"version", "created", "inputs", "format", "label_column", "features", "template", "classes",
                  "label_names", "label2id", "split", "splits", "token_stats", "max_length", "tokenizer", "dropped",
-                 "max_per_class", "dedup", "small_classes_dropped"}
+                 "max_per_class", "max_train_rows", "dedup", "small_classes_dropped"}
 
 
 def prep(out: Path, *inputs, args=()) -> dict:
@@ -155,6 +155,23 @@ def test_max_per_class_caps_before_splitting(tmp_path, sample_v2):
         total = sum(m["splits"][s]["class_counts"][name] for s in prepare.SPLITS)
         assert total == (0 if name in ("Web", "BruteForce") else 100)
     assert m["dropped"] == {"over_max_per_class": 4050 - 600} and m["max_per_class"] == 100
+
+
+def test_max_train_rows_cuts_only_the_training_split(tmp_path, sample_v2):
+    """A learning-curve point: fewer training rows, stratified, the very same validation and test rows."""
+    full = prep(tmp_path / "full", sample_v2, args=("--classes", "8"))
+    cut = prep(tmp_path / "cut", sample_v2, args=("--classes", "8", "--max-train-rows", "500"))
+    n_train = full["splits"]["train"]["rows"]
+    assert cut["splits"]["train"]["rows"] == pytest.approx(500, abs=len(schema.LABELS_8))
+    assert cut["dropped"] == {"over_max_train_rows": n_train - cut["splits"]["train"]["rows"]}
+    for name, n in full["splits"]["train"]["class_counts"].items():
+        kept = cut["splits"]["train"]["class_counts"][name]
+        assert (kept >= 1) == (n >= 1) and kept == pytest.approx(n * 500 / n_train, abs=1)
+    for split in ("val", "test"):
+        rows = [datasets.load_from_disk(str(d / split))["row_id"] for d in (tmp_path / "full", tmp_path / "cut")]
+        assert rows[0] == rows[1], split
+    train = [set(datasets.load_from_disk(str(d / "train"))["row_id"]) for d in (tmp_path / "full", tmp_path / "cut")]
+    assert train[1] < train[0]
 
 
 def test_text_format_of_the_original_script(tmp_path, sample_v2, capsys):

@@ -320,6 +320,12 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert summary["world_size"] == 2 and summary["step"] == 3
     assert (out / "run" / "export" / "config.json").is_file()
     assert (out / "run" / "confusion_matrix.png").is_file() and (out / "prepared" / "manifest.json").is_file()
+    # the shipped recipe on the template it was chosen for, with the user's overrides on top
+    import yaml
+    run_config = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    assert run_config["train"]["class_weights"] == "sqrt" and run_config["model"]["dropout"] == 0.2
+    assert run_config["train"]["max_steps"] == 3
+    assert json.loads((out / "prepared" / "manifest.json").read_text())["template"] == "binned"
 
 
 def test_deepspeed_min_loss_scale_error_becomes_the_guards_advice(prepared_v2, tmp_path, capsys):
