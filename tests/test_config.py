@@ -60,7 +60,7 @@ def test_shipped_recipe_by_name(tmp_path, monkeypatch):
 
     cfg = load_config(RunConfig, "cpu_tiny", ["train.epochs=2"])
     assert recipe_path("cpu_tiny").name == "cpu_tiny.yaml"
-    assert cfg.model.name == "tiny" and cfg.train.class_weights == "sqrt" and cfg.train.epochs == 2
+    assert cfg.model.name == "tiny" and cfg.train.weight_decay == 0.1 and cfg.train.epochs == 2
     with pytest.raises(ConfigError, match="not a shipped recipe: cpu_tiny"):
         load_config(RunConfig, "cpu_huge")
     monkeypatch.chdir(tmp_path)

@@ -323,7 +323,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     # the shipped recipe on the template it was chosen for, with the user's overrides on top
     import yaml
     run_config = yaml.safe_load((out / "run" / "config.yaml").read_text())
-    assert run_config["train"]["class_weights"] == "sqrt" and run_config["model"]["dropout"] == 0.2
+    assert run_config["train"]["epochs"] == 16 and run_config["model"]["dropout"] == 0.2
     assert run_config["train"]["max_steps"] == 3
     assert json.loads((out / "prepared" / "manifest.json").read_text())["template"] == "binned"
 
