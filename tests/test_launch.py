@@ -144,6 +144,10 @@ def test_sbatch_renders_the_training_command(script, fake_allocation):
         assert f"model.name={tmp}/project/alice/models/gpt2-large" in args
     else:
         assert "train.ds_config=zero2_fp16 " in args + " "
+    # a periodic checkpoint of ~30 min of work by default, for when no USR1 warning comes (#13 item 1)
+    default_every = {"train_1node_4xv100.sbatch": 20000, "train_nnodes_4xv100.sbatch": 10000,
+                     "train_1xv100_gpt2large.sbatch": 500}[script.name]
+    assert python_line.count(f"checkpoint.every_steps={default_every}") == 1
     task_env = dict(line.split("=", 1) for line in (tmp / "python.env").read_text().splitlines() if "=" in line)
     assert task_env["HF_HUB_OFFLINE"] == "1" and task_env["TRANSFORMERS_OFFLINE"] == "1"
     assert task_env["HF_HOME"] == f"{tmp}/project/alice/hf_home"
@@ -151,6 +155,16 @@ def test_sbatch_renders_the_training_command(script, fake_allocation):
     assert task_env["OMP_NUM_THREADS"] == "8"  # launch/srun.sh: one OpenMP thread per allocated CPU
     assert task_env["PWD"] == str(REPO)  # ran from the submit dir, where launch/ is
     assert not (tmp / "scontrol.log").exists()  # finished normally: no requeue
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_checkpoint_cadence_is_overridable(script, fake_allocation):
+    tmp, env = fake_allocation
+    out = subprocess.run(["bash", str(script)], env={**env, "CHECKPOINT_EVERY": "77"}, cwd=tmp,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = (tmp / "python.log").read_text().split()
+    assert [a for a in line if a.startswith("checkpoint.every_steps=")] == ["checkpoint.every_steps=77"]
 
 
 @pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
