@@ -355,6 +355,17 @@ def _free_port(lo: int = 0, hi: int = 0) -> int:
     raise RuntimeError("no free port")
 
 
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _run(cmd: list[str], env: dict, log: Path) -> int:
     with open(log, "w") as out:
         return subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -364,15 +375,20 @@ def _run(cmd: list[str], env: dict, log: Path) -> int:
 def _start_slurm_tasks(run_dir: Path, data: Path, *extra: str, ntasks: int = 2) -> list[subprocess.Popen]:
     """What `srun --ntasks=2 launch/srun.sh ...` does on one node: one process per task, each with only
     the SLURM_* variables srun sets. The job id is chosen so that the port dist.py derives from it is free."""
+    import random
+
     from cic_gpt2.dist import slurm_port
 
-    port = _free_port(15000, 32000)
-    job_id = str(port - 15000)
-    assert slurm_port(job_id) == port
+    for _ in range(200):
+        job_id = str(random.randrange(1, 10**7))
+        port = slurm_port(job_id)
+        if _port_is_free(port):
+            break
     procs = []
     for rank in range(ntasks):
         env = _clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(ntasks),
-                         SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id, SLURM_NODEID="0")
+                         SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id, SLURM_NODEID="0",
+                         SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(ntasks), SLURM_STEP_NODELIST="localhost")
         log = open(run_dir.parent / f"{run_dir.name}.rank{rank}.log", "a")
         procs.append(subprocess.Popen(
             ["bash", str(REPO / "launch" / "srun.sh"), "--data", str(data), "--run-dir", str(run_dir),
