@@ -6,6 +6,7 @@ The variables, master address and port, backend and collective timeout: docs/lau
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import importlib.util
@@ -13,6 +14,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from cic_gpt2.errors import ConfigError
@@ -107,12 +109,30 @@ def _port(env: Mapping[str, str], default: int) -> int:
     return port
 
 
-def slurm_port(job_id: str) -> int:
-    """A rendezvous port every task of a SLURM job computes alike, different for concurrent jobs on a
-    node (consecutive job ids), inside 15000-31999: clear of well-known ports and of Linux's
-    ephemeral range (32768+)."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return 15000 + int(digits) % 17000
+SLURM_PORT_BASE = 10000
+SLURM_PORT_SPAN = 22767  # 10000-32766: clear of the well-known ports and of Linux's ephemeral range (32768+)
+SLURM_PORT_STEPS = 8  # step ids folded in: concurrent steps of one job (`srun ... &` twice) get their own ports
+
+
+def slurm_port(job_id: str, step_id: str = "0") -> int:
+    """A rendezvous port every task of a SLURM step computes alike: `10000 + (8 * job + step % 8) % 22767`.
+
+    Two steps 0-7 of jobs fewer than 2845 ids apart never share a port, nor do the same step of two jobs fewer
+    than 22767 ids apart (the span is odd, so 8 * job cycles through every port: step 0 of each job, what the
+    sbatch scripts run, collides only for ids a multiple of 22767 apart; it was every 17000). A deterministic
+    port can never be free of collisions for every pair of ids: MASTER_PORT overrides it (docs/launch.md)."""
+    job = int(re.sub(r"\D", "", job_id) or "0")
+    step = int(re.sub(r"\D", "", step_id) or "0") % SLURM_PORT_STEPS
+    return SLURM_PORT_BASE + (SLURM_PORT_STEPS * job + step) % SLURM_PORT_SPAN
+
+
+def slurm_batch_shell(env: Mapping[str, str]) -> bool:
+    """This is the batch shell of a SLURM job with several tasks, not a task of an `srun` step: SLURM sets
+    SLURM_PROCID=0 and SLURM_NTASKS=N there too, but only srun sets the SLURM_STEP_* variables. As rank 0 of N
+    it would wait for N-1 peers that nothing starts."""
+    in_step = any(k in env for k in ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_LAUNCHER_PORT"))
+    return not in_step and env.get("SLURM_PROCID") == "0" and env.get("SLURM_NTASKS", "1").isdigit() \
+        and int(env.get("SLURM_NTASKS", "1")) > 1
 
 
 def discover(env: Mapping[str, str] | None = None) -> DistInfo:
@@ -127,6 +147,12 @@ def discover(env: Mapping[str, str] | None = None) -> DistInfo:
             master_port=_port(env, DEFAULT_PORT),
             source="torchrun",
         )
+    elif slurm_batch_shell(env):
+        # one process: nothing else will start (docs/launch.md). A world of 1, not a hang until the timeout.
+        print(f"cic-gpt2: warning: this is the batch shell of a SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']} "
+              "(no srun step): running as ONE process on one device; to use every task, start it with "
+              "`srun launch/srun.sh ...` (as slurm/*.sbatch do)", file=sys.stderr, flush=True)
+        info = DistInfo(0, 0, 1, "127.0.0.1", _port(env, 0) if "MASTER_PORT" in env else free_port(), "single")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist and not env.get("MASTER_ADDR"):
@@ -137,7 +163,8 @@ def discover(env: Mapping[str, str] | None = None) -> DistInfo:
             # srun inside a bigger allocation (`srun -n 2` in a 4-task job) runs a step smaller than the job
             world_size=_int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"),
             master_addr=env.get("MASTER_ADDR") or parse_nodelist(nodelist)[0],
-            master_port=_port(env, slurm_port(env.get("SLURM_JOB_ID", "0"))),
+            master_port=_port(env, slurm_port(env.get("SLURM_JOB_ID", "0"),
+                                              env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")))),
             source="slurm",
         )
     elif "OMPI_COMM_WORLD_RANK" in env:
@@ -157,6 +184,60 @@ def discover(env: Mapping[str, str] | None = None) -> DistInfo:
             f"(launcher: {info.source}); check the launcher's task count"
         )
     return info
+
+
+def claim_gpu(visible: list[str], local_rank: int, claim_dir: Path) -> int:
+    """The index, in this task's visible GPUs, of one no other task of this step on this node uses.
+
+    srun `--gpu-bind=closest` gives every task the GPUs of its socket (2 of 4 each), and the default
+    `--distribution=block:cyclic` puts local ranks 0 and 2 on one socket: neither `local_rank` (2 is out of range)
+    nor `local_rank % visible` (0 and 2 both take GPU 0) is right. Each task claims a GPU (by its name in
+    CUDA_VISIBLE_DEVICES) with an O_EXCL file in a node-local directory of this step, trying `local_rank % n`
+    first, so tasks that see every GPU get GPU `local_rank` as before."""
+    claim_dir.mkdir(parents=True, exist_ok=True)
+    n = len(visible)
+    for offset in range(n):
+        index = (local_rank + offset) % n
+        try:
+            fd = os.open(claim_dir / f"gpu-{visible[index]}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, f"local rank {local_rank} pid {os.getpid()}\n".encode())
+        os.close(fd)
+        atexit.register(lambda path=claim_dir / f"gpu-{visible[index]}": path.unlink(missing_ok=True))
+        return index
+    raise ConfigError(
+        f"local rank {local_rank} has no GPU: its GPUs (CUDA_VISIBLE_DEVICES={','.join(visible)}) are all taken by "
+        f"other tasks of this step on this node (claims in {claim_dir}); start one task per GPU"
+    )
+
+
+def _claim_dir(env: Mapping[str, str]) -> Path:
+    """Node-local, one per job run, step and node: SLURM_TMPDIR (per job, removed at its end) else /tmp."""
+    import socket
+
+    run = "-".join(env.get(k, "0") for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"))
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
+    base = env.get("SLURM_TMPDIR") or "/tmp"
+    return Path(base) / f"cic-gpt2-gpus-{run}-step{step}-{socket.gethostname()}"
+
+
+_local_device: dict[tuple, int] = {}
+
+
+def local_cuda_index(info: DistInfo, visible_devices: int, env: Mapping[str, str] | None = None) -> int:
+    """This process's CUDA device, chosen once (a SLURM task with several GPUs claims one: `claim_gpu`)."""
+    env = os.environ if env is None else env
+    key = (info.rank, info.local_rank, visible_devices)
+    if key not in _local_device:
+        if info.source == "slurm" and visible_devices > 1:
+            names = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            if len(names) != visible_devices:
+                names = [str(i) for i in range(visible_devices)]
+            _local_device[key] = claim_gpu(names, info.local_rank, _claim_dir(env))
+        else:
+            _local_device[key] = cuda_index(info.local_rank, visible_devices)
+    return _local_device[key]
 
 
 def cuda_index(local_rank: int, visible_devices: int) -> int:
@@ -209,7 +290,7 @@ def init(info: DistInfo, timeout_s: float = 600.0) -> str:
     backend = backend_for_device()
     local_device = info.local_rank
     if backend == "nccl":
-        local_device = cuda_index(info.local_rank, torch.cuda.device_count())
+        local_device = local_cuda_index(info, torch.cuda.device_count())
         torch.cuda.set_device(local_device)
     # DeepSpeed reads only these variables; LOCAL_RANK is the device index it binds to. The op build directory is
     # fixed before init_distributed builds its comm op, the same for every launcher and rank of this install.
@@ -242,7 +323,7 @@ def device(info: DistInfo):
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", cuda_index(info.local_rank, torch.cuda.device_count()))
+        return torch.device("cuda", local_cuda_index(info, torch.cuda.device_count()))
     return torch.device("cpu")
 
 

@@ -5,6 +5,7 @@ import datetime
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_torchrun_wins_over_slurm():
 
 
 def test_slurm_env_master_is_first_node_and_port_from_job_id():
-    env = {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS": "8",
+    env = {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
            "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "4242"}
     info = dist.discover(env)
     assert (info.rank, info.local_rank, info.world_size) == (6, 2, 8)
@@ -48,11 +49,58 @@ def test_slurm_env_master_is_first_node_and_port_from_job_id():
 
 def test_slurm_port_range_and_override():
     for job_id in ("0", "1", "16999", "17000", "58123456", "123_4"):
-        assert 15000 <= dist.slurm_port(job_id) < 32000, job_id
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "7",
-           "MASTER_PORT": "12345", "MASTER_ADDR": "n1-ib"}
+        for step in ("0", "1", "7", "4294967291"):
+            assert 10000 <= dist.slurm_port(job_id, step) < 32768, (job_id, step)  # below the ephemeral range
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_JOB_ID": "7", "MASTER_PORT": "12345", "MASTER_ADDR": "n1-ib"}
     info = dist.discover(env)
     assert (info.master_addr, info.master_port) == ("n1-ib", 12345)
+
+
+def test_slurm_ports_of_nearby_jobs_and_steps_never_collide():
+    """#13 item 14: `15000 + id % 17000` gave jobs 17,000 ids apart one port (a long job and one submitted a few
+    hours later on a busy cluster, on the same node)."""
+    base = 58_123_456
+    assert dist.slurm_port(str(base)) != dist.slurm_port(str(base + 17_000))
+    # step 0 (one srun per job, the sbatch scripts): every port of the span, once, for 22,767 consecutive ids
+    assert len({dist.slurm_port(str(base + i)) for i in range(dist.SLURM_PORT_SPAN)}) == dist.SLURM_PORT_SPAN
+    # steps 0-7 of jobs fewer than 2,845 ids apart: all distinct
+    ports = [dist.slurm_port(str(base + i), str(s)) for i in range(2845) for s in range(8)]
+    assert len(set(ports)) == len(ports)
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_JOB_ID": "77"}
+    ports = {dist.discover({**env, "SLURM_STEP_ID": str(s)}).master_port for s in range(3)}
+    assert len(ports) == 3  # two concurrent `srun ... &` steps of one job do not share a rendezvous
+
+
+def test_batch_shell_of_a_multi_task_job_is_one_process_with_a_warning(capsys):
+    """#13 item 14: the batch shell has SLURM_PROCID=0 and SLURM_NTASKS=4 too, but no srun step variables; as
+    rank 0 of 4 it waited for 3 peers nothing starts. It is a world of 1, with a warning that says srun."""
+    batch = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[01-02]",
+             "SLURM_JOB_ID": "5", "SLURM_NODEID": "0"}
+    info = dist.discover(batch)
+    assert (info.rank, info.world_size, info.source) == (0, 1, "single")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SLURM_NTASKS=4" in err and "srun launch/srun.sh" in err
+    step = {**batch, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "gpu[01-02]"}
+    assert (dist.discover(step).world_size, dist.discover(step).source) == (4, "slurm")
+    assert dist.discover({**batch, "SLURM_NTASKS": "1"}).source == "slurm"  # a 1-task job: nothing to warn about
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_batch_shell_process_group_starts_instead_of_waiting_for_peers(tmp_path):
+    """A real process in a 4-task job's batch-shell environment builds its process group (gloo) and returns;
+    before the fix it waited for 3 peers until the timeout."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="4", SLURM_JOB_NODELIST="localhost",
+               SLURM_JOB_ID="5", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    code = ("from cic_gpt2 import dist; import torch.distributed as t; info = dist.discover(); dist.init(info, 20); "
+            "print('world', t.get_world_size()); dist.destroy()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 1" in out.stdout and "srun launch/srun.sh" in out.stderr
 
 
 def test_slurm_step_nodelist_and_step_size_win():
@@ -93,7 +141,7 @@ def test_discover_reads_os_environ(monkeypatch):
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_JOB_NODELIST"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_JOB_NODELIST"),
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "two", "SLURM_JOB_NODELIST": "n1"}, "SLURM_NTASKS='two'"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE"),
 ])
@@ -154,8 +202,51 @@ def test_cuda_index():
         dist.cuda_index(0, 0)
 
 
-def test_backend_and_device_follow_cuda(monkeypatch):
+CLAIM = r"""
+import sys, time
+from pathlib import Path
+from cic_gpt2.dist import claim_gpu
+local_rank, visible, claim_dir = int(sys.argv[1]), sys.argv[2].split(","), Path(sys.argv[3])
+while not (claim_dir / "go").exists():  # start together: the claims race
+    time.sleep(0.01)
+print(visible[claim_gpu(visible, local_rank, claim_dir)])
+time.sleep(1)  # hold the claim while the others run (it is released at exit)
+"""
+
+
+def _claims(tmp_path, visible_per_task: list[str]) -> list[str]:
+    claim_dir = tmp_path / "claims"
+    claim_dir.mkdir(parents=True)
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, str(rank), visible, str(claim_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, visible in enumerate(visible_per_task)]
+    (claim_dir / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    return [out.strip() if p.returncode == 0 else f"error: {err.strip().splitlines()[-1]}"
+            for p, (out, err) in zip(procs, outs)]
+
+
+def test_gpu_bind_closest_with_cyclic_tasks_gives_every_task_its_own_gpu(tmp_path):
+    """#13 item 14: `--gpu-bind=closest`, 4 tasks, 2 sockets x 2 GPUs, default block:cyclic distribution: local
+    ranks 0 and 2 see GPUs 0,1; ranks 1 and 3 see 2,3. `local_rank % visible` put ranks 0 and 2 on GPU 0 (and
+    `local_rank` alone was out of range for 2 and 3). Real concurrent processes claim their GPU."""
+    sockets = ["0,1", "2,3", "0,1", "2,3"]
+    assert [s.split(",")[r % 2] for r, s in enumerate(sockets)] == ["0", "3", "0", "3"]  # the old choice
+    got = _claims(tmp_path, sockets)
+    assert sorted(got) == ["0", "1", "2", "3"], got
+
+
+def test_tasks_that_see_every_gpu_keep_gpu_local_rank_and_one_too_many_is_an_error(tmp_path):
+    assert _claims(tmp_path, ["0,1,2,3"] * 4) == ["0", "1", "2", "3"]
+    got = _claims(tmp_path / "x", ["0,1", "0,1", "0,1"])
+    assert sorted(got)[:2] == ["0", "1"] and "has no GPU" in sorted(got)[2] and "one task per GPU" in sorted(got)[2]
+
+
+def test_backend_and_device_follow_cuda(monkeypatch, tmp_path):
     import torch
+
+    monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(dist, "_local_device", {})
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

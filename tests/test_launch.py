@@ -144,6 +144,10 @@ def test_sbatch_renders_the_training_command(script, fake_allocation):
         assert f"model.name={tmp}/project/alice/models/gpt2-large" in args
     else:
         assert "train.ds_config=zero2_fp16 " in args + " "
+    # a periodic checkpoint of ~30 min of work by default, for when no USR1 warning comes (#13 item 1)
+    default_every = {"train_1node_4xv100.sbatch": 20000, "train_nnodes_4xv100.sbatch": 10000,
+                     "train_1xv100_gpt2large.sbatch": 500}[script.name]
+    assert python_line.count(f"checkpoint.every_steps={default_every}") == 1
     task_env = dict(line.split("=", 1) for line in (tmp / "python.env").read_text().splitlines() if "=" in line)
     assert task_env["HF_HUB_OFFLINE"] == "1" and task_env["TRANSFORMERS_OFFLINE"] == "1"
     assert task_env["HF_HOME"] == f"{tmp}/project/alice/hf_home"
@@ -151,6 +155,16 @@ def test_sbatch_renders_the_training_command(script, fake_allocation):
     assert task_env["OMP_NUM_THREADS"] == "8"  # launch/srun.sh: one OpenMP thread per allocated CPU
     assert task_env["PWD"] == str(REPO)  # ran from the submit dir, where launch/ is
     assert not (tmp / "scontrol.log").exists()  # finished normally: no requeue
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_checkpoint_cadence_is_overridable(script, fake_allocation):
+    tmp, env = fake_allocation
+    out = subprocess.run(["bash", str(script)], env={**env, "CHECKPOINT_EVERY": "77"}, cwd=tmp,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = (tmp / "python.log").read_text().split()
+    assert [a for a in line if a.startswith("checkpoint.every_steps=")] == ["checkpoint.every_steps=77"]
 
 
 @pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
@@ -341,6 +355,17 @@ def _free_port(lo: int = 0, hi: int = 0) -> int:
     raise RuntimeError("no free port")
 
 
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _run(cmd: list[str], env: dict, log: Path) -> int:
     with open(log, "w") as out:
         return subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -350,15 +375,20 @@ def _run(cmd: list[str], env: dict, log: Path) -> int:
 def _start_slurm_tasks(run_dir: Path, data: Path, *extra: str, ntasks: int = 2) -> list[subprocess.Popen]:
     """What `srun --ntasks=2 launch/srun.sh ...` does on one node: one process per task, each with only
     the SLURM_* variables srun sets. The job id is chosen so that the port dist.py derives from it is free."""
+    import random
+
     from cic_gpt2.dist import slurm_port
 
-    port = _free_port(15000, 32000)
-    job_id = str(port - 15000)
-    assert slurm_port(job_id) == port
+    for _ in range(200):
+        job_id = str(random.randrange(1, 10**7))
+        port = slurm_port(job_id)
+        if _port_is_free(port):
+            break
     procs = []
     for rank in range(ntasks):
         env = _clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(ntasks),
-                         SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id, SLURM_NODEID="0")
+                         SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id, SLURM_NODEID="0",
+                         SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(ntasks), SLURM_STEP_NODELIST="localhost")
         log = open(run_dir.parent / f"{run_dir.name}.rank{rank}.log", "a")
         procs.append(subprocess.Popen(
             ["bash", str(REPO / "launch" / "srun.sh"), "--data", str(data), "--run-dir", str(run_dir),
