@@ -374,7 +374,7 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         f"training {total_steps} steps ({steps_per_epoch}/epoch, global batch {global_batch_size} = "
         f"{tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {trainer.precision}, "
         f"ZeRO-{engine.zero_optimization_stage()})"
-        + (f", resumed from {resume_from} at step {start_step}" if state else "")
+        + (f", resumed from {checkpointer.resume_from} at step {start_step}" if state else "")
         + (" (resharded via a universal checkpoint)" if checkpointer.universal else "")
         + (f"; LR decay re-planned from step {lr_plan.decay_from} (train.extend_schedule)"
            if state and lr_plan.decay_from else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,38 @@ def test_kill_during_checkpoint_write_is_never_resumed_from(reference_run, prepa
     estimate = preflight.estimate_checkpoint(n_params, 2, "fp32", export=False)
     real = sum(f.stat().st_size for f in (ckpt_dir / ckpt.tag_for(MAX_STEPS)).rglob("*") if f.is_file())
     assert 0.95 * estimate.checkpoint_bytes < real < estimate.needed_bytes, (real, estimate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "unreadable"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run, prepared_v2, tmp_path, damage):
+    """The newest complete checkpoint lost bytes after its COMPLETE marker was written (a node crash before
+    the page cache reached Lustre; a bad disk): `truncated` cuts rank 1's optimizer shard in half (its size no
+    longer matches the marker's), `unreadable` zeroes its last 4 KiB (same size: torch cannot load it).
+    `--resume auto` warns, naming the file, resumes from the previous complete checkpoint and ends with the
+    uninterrupted run's weights."""
+    run_dir = tmp_path / damage
+    shutil.copytree(reference_run, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    newest, previous = ckpt_dir / ckpt.tag_for(MAX_STEPS), ckpt_dir / ckpt.tag_for(MAX_STEPS - SAVE_EVERY)
+    assert ckpt.is_complete(newest) and ckpt.is_complete(previous)
+    assert set(ckpt.read_marker(newest)["files"]) >= {"rng_state_rank1.pt", "run_config.yaml"}
+    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(size // 2)
+        else:
+            f.seek(size - 4096)
+            f.write(bytes(4096))
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "--resume", "auto"))
+    out = logs(run_dir)
+    assert codes == [0, 0], out
+    assert f"warning: checkpoint {newest} " in out and f"previous complete checkpoint {previous}" in out, out
+    assert str(shard) in out and (damage == "truncated" or "failed to load on rank 1" in out), out
+    assert f"resumed from {previous} at step {MAX_STEPS - SAVE_EVERY}" in out, out
+    assert ckpt.verify(newest) is None, "the step was saved again"
+    assert_same_final_weights(run_dir, reference_run)
 
 
 # --------------------------------------------------------------------------------------------------
