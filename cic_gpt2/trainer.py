@@ -334,7 +334,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
     import torch
 
     from cic_gpt2.data import class_weights
-    from cic_gpt2.loggers import build_logger
+    from cic_gpt2.collective import on_main
+    from cic_gpt2.loggers import NullLogger, SharedFailureLogger, build_logger
     from cic_gpt2.model import build_model
 
     tr = cfg.train
@@ -363,10 +364,11 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         torch.manual_seed(tr.seed + 1_000_003 * info.rank)  # dropout masks differ between ranks
     start_step = int(state["step"]) if state else 0
     run_dir = checkpointer.ckpt_dir.parent
-    logger = build_logger(run_dir, info.is_main, cfg.log.tensorboard, resume_step=start_step if state else None)
-    if info.is_main:
-        write_text(run_dir / "config.yaml", checkpointer.side_files["run_config.yaml"])
-        write_text(run_dir / "ds_config.json", checkpointer.side_files["ds_config.json"])
+    logger = SharedFailureLogger(on_main(info.is_main, f"opening the metrics files in {run_dir}", build_logger, run_dir,
+                                         True, cfg.log.tensorboard, start_step if state else None) or NullLogger(),
+                                 info.is_main, run_dir)
+    on_main(info.is_main, f"writing {run_dir / 'config.yaml'} and ds_config.json", _write_configs, run_dir,
+            checkpointer.side_files)
     trainer = Trainer(cfg, info, engine, classifier, tokenizer, prepared, checkpointer, logger, watcher, total_steps,
                       start_step, int(state.get("skipped_steps", 0)) if state else 0, (state or {}).get("best"),
                       bool((state or {}).get("val_pending", False)), lr_plan)
@@ -379,3 +381,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         + (f"; LR decay re-planned from step {lr_plan.decay_from} (train.extend_schedule)"
            if state and lr_plan.decay_from else ""))
     return trainer
+
+
+def _write_configs(run_dir, side_files: dict) -> None:
+    write_text(run_dir / "config.yaml", side_files["run_config.yaml"])
+    write_text(run_dir / "ds_config.json", side_files["ds_config.json"])

@@ -56,6 +56,12 @@ if kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         real_write(path, text)
     checkpoint.write_text = write
+if os.environ.get("CIC_TEST_PRUNE_QUOTA"):  # this rank's pruning hits a disk quota, as on a full /scratch
+    import errno
+    from cic_gpt2 import checkpoint
+    def prune(ckpt_dir, *args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(ckpt_dir))
+    checkpoint.prune = prune
 from cic_gpt2.cli import main
 raise SystemExit(main(["train", *sys.argv[1:]]))
 """
@@ -259,6 +265,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run,
     assert f"resumed from {previous} at step {MAX_STEPS - SAVE_EVERY}" in out, out
     assert ckpt.verify(newest) is None, "the step was saved again"
     assert_same_final_weights(run_dir, reference_run)
+
+
+@pytest.mark.slow
+def test_rank0_only_write_failure_is_the_same_error_on_every_rank_at_once(prepared_v2, tmp_path):
+    """Rank 0's pruning of old checkpoints raises OSError (disk quota) between two collectives, on rank 0
+    alone: both ranks exit 2 with the same one line naming the checkpoint, at once, long before the 600 s
+    collective timeout (rank 1 hears it through the broadcast that ends the rank-0 section)."""
+    run_dir = tmp_path / "quota"
+    procs = start_ranks(run_dir, prepared_v2, timeout_s=600, rank_env={0: {"CIC_TEST_PRUNE_QUOTA": "1"}})
+    codes = wait_all(procs, timeout=RUN_TIMEOUT_S)  # a rank waiting out the 600 s timeout fails here
+    assert codes == [2, 2], (codes, logs(run_dir))
+    tag_dir = run_dir / "checkpoints" / ckpt.tag_for(SAVE_EVERY)
+    for rank in (0, 1):
+        log = (tmp_path / f"quota.rank{rank}.log").read_text(errors="replace")
+        line = f"cic-gpt2 train: error: completing checkpoint {tag_dir} (side files, COMPLETE, pruning old ones) " \
+               f"failed on rank 0: [Errno {errno.EDQUOT}] Disk quota exceeded"
+        assert line in log and "Traceback" not in log, log[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------
