@@ -88,12 +88,12 @@ def check_shared_dir(run_dir: str | Path, rank: int, is_main: bool) -> Optional[
         seen = path.read_text(encoding="utf-8").strip()
     except OSError as e:
         seen = f"unreadable ({e.strerror or e})"
-    views = gather(seen)
+    views, main_path = gather(seen), broadcast(str(path))  # rank 0's names: the same line on every rank
     blind = [r for r, v in enumerate(views) if v != nonce]
     if blind:
         raise CicError(
-            f"run dir {run_dir} is not shared across nodes: rank(s) {', '.join(map(str, blind))} do not see the file "
-            f"{path} rank 0 just wrote (rank {blind[0]} sees {views[blind[0]]!r}); --run-dir must be on a "
+            f"run dir {Path(main_path).parent} is not shared across nodes: rank(s) {', '.join(map(str, blind))} do "
+            f"not see the file {main_path} rank 0 just wrote (rank {blind[0]} sees {views[blind[0]]!r}); --run-dir must be on a "
             f"filesystem every node mounts (e.g. /scratch), not a node-local disk such as /tmp or $SLURM_TMPDIR")
     return nonce
 

@@ -334,7 +334,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
     import torch
 
     from cic_gpt2.data import class_weights
-    from cic_gpt2.collective import on_main
+    from cic_gpt2.checkpoint import read_marker
+    from cic_gpt2.collective import agree, check_shared_dir, on_main
     from cic_gpt2.loggers import NullLogger, SharedFailureLogger, build_logger
     from cic_gpt2.model import build_model
 
@@ -343,6 +344,12 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         "run_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
         "data_manifest.json": json.dumps(prepared.manifest, indent=2) + "\n",
     })
+    # Every rank picked its resume tag from its own listing: one run dir for all, and the same tag (#13 item 11).
+    check_shared_dir(checkpointer.ckpt_dir.parent, info.rank, info.is_main)
+    step = int(read_marker(resume_from)["step"]) if resume_from is not None else None
+    agree((step, checkpointer.universal), f"the checkpoint to resume from in {checkpointer.ckpt_dir} (each rank lists "
+          f"it itself: a stale directory listing on some node?); rerun, or pass --resume with one step-* dir",
+          lambda v: "a fresh start" if v[0] is None else f"step {v[0]}" + (" via universal" if v[1] else ""))
     ds_dict = checkpointer.engine_config(ds_dict)  # what the engine runs with; export stores it too
     checkpointer.side_files["ds_config.json"] = json.dumps(ds_dict, indent=2) + "\n"
     torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)

@@ -62,8 +62,16 @@ if os.environ.get("CIC_TEST_PRUNE_QUOTA"):  # this rank's pruning hits a disk qu
     def prune(ckpt_dir, *args, **kwargs):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(ckpt_dir))
     checkpoint.prune = prune
+if os.environ.get("CIC_TEST_HIDE_STEP"):  # this rank's listing misses a checkpoint (a stale Lustre/NFS cache)
+    from cic_gpt2 import checkpoint
+    real_list = checkpoint.list_checkpoints
+    hidden = checkpoint.tag_for(int(os.environ["CIC_TEST_HIDE_STEP"]))
+    checkpoint.list_checkpoints = lambda d: [c for c in real_list(d) if c[1].name != hidden]
+args = sys.argv[1:]
+if os.environ.get("CIC_TEST_RUN_DIR"):  # this rank's run dir is another directory (node-local disk)
+    args[args.index("--run-dir") + 1] = os.environ["CIC_TEST_RUN_DIR"]
 from cic_gpt2.cli import main
-raise SystemExit(main(["train", *sys.argv[1:]]))
+raise SystemExit(main(["train", *args]))
 """
 
 
@@ -282,6 +290,32 @@ def test_rank0_only_write_failure_is_the_same_error_on_every_rank_at_once(prepar
         line = f"cic-gpt2 train: error: completing checkpoint {tag_dir} (side files, COMPLETE, pruning old ones) " \
                f"failed on rank 0: [Errno {errno.EDQUOT}] Disk quota exceeded"
         assert line in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_run_dirs_or_tags_fail_together(reference_run, prepared_v2, tmp_path):
+    """Each rank resolves --resume auto from its own listing. (1) Rank 1's run dir is another directory (as a
+    node-local /tmp of the same path on another node; test hook CIC_TEST_RUN_DIR): both ranks exit 2 saying the
+    run dir is not shared. (2) Rank 1's listing misses the newest checkpoint (a stale cache; test hook
+    CIC_TEST_HIDE_STEP filters it out of rank 1's list_checkpoints): both exit 2 naming each rank's step."""
+    run_dir = tmp_path / "local"
+    codes = wait_all(start_ranks(run_dir, prepared_v2, timeout_s=600,
+                                 rank_env={1: {"CIC_TEST_RUN_DIR": str(tmp_path / "other-node")}}))
+    assert codes == [2, 2], (codes, logs(run_dir))
+    for rank in (0, 1):
+        log = (tmp_path / f"local.rank{rank}.log").read_text(errors="replace")
+        assert f"error: run dir {run_dir} is not shared across nodes: rank(s) 1 do not see" in log, log[-3000:]
+        assert "must be on a filesystem every node mounts" in log and "Traceback" not in log, log[-3000:]
+
+    run_dir = tmp_path / "stale"
+    shutil.copytree(reference_run, run_dir)
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "--resume", "auto", timeout_s=600,
+                                 rank_env={1: {"CIC_TEST_HIDE_STEP": str(MAX_STEPS)}}))
+    assert codes == [2, 2], (codes, logs(run_dir))
+    for rank in (0, 1):
+        log = (tmp_path / f"stale.rank{rank}.log").read_text(errors="replace")
+        assert "error: the ranks disagree on the checkpoint to resume from" in log, log[-3000:]
+        assert f"rank 0: step {MAX_STEPS}; rank 1: step {MAX_STEPS - SAVE_EVERY}" in log, log[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------
