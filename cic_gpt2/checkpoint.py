@@ -9,21 +9,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 
+from cic_gpt2.collective import barrier, gather, on_main
 from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.files import write_text
+from cic_gpt2.resume_guard import check_same_run, rng_state, seed_new_rank, set_rng_state  # noqa: F401
 from cic_gpt2.schedule import LrPlan, check_resume
 
 COMPLETE_MARKER = "COMPLETE"
@@ -63,15 +63,67 @@ def latest_complete(ckpt_dir: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def resolve_resume(spec: str, run_dir: str | Path) -> Optional[Path]:
+def verify(tag_dir: str | Path) -> Optional[str]:
+    """None when every file the COMPLETE marker lists is there with its recorded size (a marker written
+    before sizes were recorded lists none), else what is wrong, naming the file."""
+    tag_dir = Path(tag_dir)
+    try:
+        files = read_marker(tag_dir).get("files", {})
+    except (OSError, ValueError) as e:
+        return f"its {COMPLETE_MARKER} marker is unreadable ({e})"
+    for name, size in sorted(files.items()):
+        path = tag_dir / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if actual != size:
+            return f"{path} has {actual} bytes, the marker recorded {size}"
+    return None
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _quiet(text: str) -> None:
+    return None
+
+
+def previous_good(ckpt_dir: str | Path, before: Path, say=warn) -> Optional[Path]:
+    """The newest complete checkpoint older than `before` whose files verify (None if none); each one
+    skipped for damaged files is `say`-ed, naming the file."""
+    older = [path for step, path, ok in list_checkpoints(ckpt_dir) if ok and path.name < before.name]
+    for path in reversed(older):
+        problem = verify(path)
+        if problem is None:
+            return path
+        say(f"checkpoint {path} is damaged: {problem}; trying the previous complete one")
+    return None
+
+
+def resolve_resume(spec: str, run_dir: str | Path, say=warn) -> Optional[Path]:
     """`checkpoint.resume` -> the tag dir to load, or None for a fresh start.
 
-    `none`: fresh. `auto`: the latest COMPLETE checkpoint under RUN_DIR/checkpoints, fresh if there is none.
-    A path: that tag dir, which must be complete."""
+    `none`: fresh. `auto`: the latest COMPLETE checkpoint under RUN_DIR/checkpoints whose files have the sizes
+    its marker recorded (a damaged newer one is skipped with a warning naming the file), fresh if there is
+    none. A path: that tag dir, which must be complete and undamaged."""
     if spec in ("none", ""):
         return None
     if spec == "auto":
-        return latest_complete(Path(run_dir) / "checkpoints")
+        newest = latest_complete(Path(run_dir) / "checkpoints")
+        if newest is None:
+            return None
+        problem = verify(newest)
+        if problem is None:
+            return newest
+        chosen = previous_good(newest.parent, newest, say)
+        say(f"checkpoint {newest} is damaged: {problem}; "
+            + (f"resuming from the previous complete checkpoint {chosen}" if chosen else "no older complete one"))
+        if chosen is None:
+            raise ConfigError(f"the newest checkpoint {newest} is damaged ({problem}) and no older complete one "
+                              f"verifies: resume from another run's checkpoint or start a new --run-dir")
+        return chosen
     path = Path(spec)
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume={spec}: no such checkpoint directory")
@@ -80,46 +132,84 @@ def resolve_resume(spec: str, run_dir: str | Path) -> Optional[Path]:
             f"checkpoint.resume={spec} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save was "
             f"interrupted); pick an older step-* directory or use --resume auto"
         )
+    problem = verify(path)
+    if problem:
+        raise ConfigError(f"checkpoint.resume={spec} is damaged: {problem}; pick an older step-* directory or use "
+                          f"--resume auto")
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG state (per rank: dropout masks differ between ranks and must continue exactly)
-# --------------------------------------------------------------------------------------------------
-def _numpy_state_to_torch(s: tuple) -> tuple:
-    return (str(s[0]), torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4]))
-
-
-def _numpy_state_from_torch(s: tuple) -> tuple:
-    return (s[0], s[1].numpy().astype(np.uint32), int(s[2]), int(s[3]), float(s[4]))
-
-
-def rng_state() -> dict:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        # numpy's state as tensors and plain numbers, so the file loads with weights_only=True
-        "numpy": _numpy_state_to_torch(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(_numpy_state_from_torch(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------------
 # Save / prune / load
 # --------------------------------------------------------------------------------------------------
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to stable storage: a node that crashes after the COMPLETE
+    marker must not leave a "complete" checkpoint whose shards were still in its page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rank_of(name: str) -> int:
+    """The rank a DeepSpeed/cic-gpt2 checkpoint file belongs to, from its name (`zero_pp_rank_3_...`,
+    `rng_state_rank3.pt`, `mp_rank_00_...`: rank 0); 0 for a file without one."""
+    m = re.search(r"rank_?(\d+)", name)
+    return int(m.group(1)) if m else 0
+
+
+def sync_own_files(tag_dir: Path, rank: int) -> None:
+    """fsync the files of `tag_dir` this rank wrote, then the directory (every rank, before the barrier)."""
+    for path in sorted(tag_dir.iterdir()):
+        if path.is_file() and _rank_of(path.name) == rank:
+            _fsync(path)
+    _fsync(tag_dir)
+
+
+def _bad_zip(tag_dir: Path, rank: int) -> str:
+    """After a failed load: "FILE is damaged: " for the first of this rank's torch files (zip archives) whose
+    CRCs do not check out, else ""."""
+    import zipfile
+
+    for path in sorted(tag_dir.glob("*.pt")):
+        if _rank_of(path.name) == rank or path.name.startswith("mp_rank_"):
+            try:
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+            except (OSError, zipfile.BadZipFile, RuntimeError) as e:
+                bad = str(e)
+            if bad:
+                return f"{path} is damaged: "
+    return ""
+
+
+def file_sizes(tag_dir: Path) -> dict[str, int]:
+    """{file name: bytes} of a saved tag dir, as the COMPLETE marker records them."""
+    return {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())
+            if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".")}
+
+
+def _start_save(ckpt_dir: Path, tag_dir: Path) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if tag_dir.exists():  # a partial save of a crashed run, or a stale one: never mix files of two saves
+        shutil.rmtree(tag_dir)
+
+
+def _complete_save(tag_dir: Path, step: int, world_size: int, client_state: dict, side_files: dict[str, str],
+                   keep_last: int, keep_steps: tuple[int, ...]) -> None:
+    for name, text in side_files.items():
+        _fsync(write_text(tag_dir / name, text))
+    marker = {"step": step, "world_size": world_size, "time": time.time(), "files": file_sizes(tag_dir)}
+    if "lr_plan" in client_state:  # read before the engine exists, to rebuild the LR schedule
+        marker["lr_plan"] = client_state["lr_plan"]
+    _fsync(write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n"))
+    _fsync(tag_dir)
+    latest = tag_dir.parent / "latest"  # DeepSpeed's pointer, rank 0's
+    if latest.is_file():
+        _fsync(latest)
+    _fsync(tag_dir.parent)
+    prune(tag_dir.parent, keep_last, keep_steps)
 
 
 def save(
@@ -137,28 +227,21 @@ def save(
 ) -> Path:
     """Save on EVERY rank (DeepSpeed's save is a collective). Returns the tag dir, complete on return.
 
-    `side_files` ({file name: text}) are written by rank 0 into the tag dir before the COMPLETE marker."""
+    Each rank fsyncs its own files before the barrier; then rank 0 writes `side_files` ({file name: text}),
+    the COMPLETE marker listing every file's size (resume verifies them), fsyncs, and prunes. Rank 0's work
+    runs under `collective.on_main`: a failure there (quota) is the same error on every rank at once."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists():  # a partial save of a crashed run, or a stale one: never mix files of two saves
-            shutil.rmtree(tag_dir)
-    _barrier()
+    on_main(is_main, f"preparing checkpoint dir {tag_dir}", _start_save, ckpt_dir, tag_dir)
     state = dict(client_state, world_size=world_size, **UNIVERSAL_INFO)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
     torch.save(rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
-    _barrier()  # every rank's partition and RNG file is on disk
-    if is_main:
-        for name, text in side_files.items():
-            write_text(tag_dir / name, text)
-        marker = {"step": step, "world_size": world_size, "time": time.time()}
-        if "lr_plan" in client_state:  # read before the engine exists, to rebuild the LR schedule
-            marker["lr_plan"] = client_state["lr_plan"]
-        write_text(tag_dir / COMPLETE_MARKER, json.dumps(marker) + "\n")
-        prune(ckpt_dir, keep_last, keep_steps)
-    _barrier()  # nobody leaves (e.g. to exit for requeue) before the marker exists
+    sync_own_files(tag_dir, rank)
+    barrier()  # every rank's partition and RNG file is on stable storage
+    # nobody leaves (e.g. to exit for requeue) before the marker exists: on_main ends in a broadcast
+    on_main(is_main, f"completing checkpoint {tag_dir} (side files, {COMPLETE_MARKER}, pruning old ones)",
+            _complete_save, tag_dir, step, world_size, client_state, side_files, keep_last, keep_steps)
     return tag_dir
 
 
@@ -243,15 +326,6 @@ def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size
     return client_state
 
 
-def seed_new_rank(seed: int, rank: int, step: int) -> None:
-    """Its own RNG stream from (train.seed, rank, step): without it every new rank keeps the state of the
-    shared init seed, and they all draw the same dropout masks. Deterministic, so the resume stays exact."""
-    value = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)  # CUDA generators too
-
-
 # --------------------------------------------------------------------------------------------------
 # The trainer's component
 # --------------------------------------------------------------------------------------------------
@@ -269,16 +343,15 @@ class Checkpointer:
         self.last_saved_step = -1
 
     @staticmethod
-    def resolve(cfg) -> Optional[Path]:
+    def resolve(cfg, is_main: bool = True) -> Optional[Path]:
         """The tag dir `checkpoint.resume` names (None: a fresh start); refuses to start afresh over an
-        earlier run's checkpoints, and to resume under another LR schedule (unless train.extend_schedule)."""
-        resume_from = resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir)
+        earlier run's checkpoints, and to resume under another LR schedule (unless train.extend_schedule).
+        Every rank resolves from its own listing (`agree` compares them); rank 0 prints the warnings."""
+        resume_from = resolve_resume(cfg.checkpoint.resume, cfg.log.run_dir, warn if is_main else _quiet)
         if resume_from is None and latest_complete(Path(cfg.log.run_dir) / "checkpoints") is not None:
             raise ConfigError(f"{cfg.log.run_dir} already holds checkpoints of an earlier run: continue it with "
                               f"--resume auto, or pick a new --run-dir")
         if resume_from is not None:
-            from cic_gpt2.resume_guard import check_same_run
-
             saved_train, step = saved_run_config(resume_from).get("train"), int(read_marker(resume_from)["step"])
             check_same_run(resume_from, step, _read_json(resume_from / "data_manifest.json"),
                            _read_json(Path(cfg.data.path) / "manifest.json") or {}, saved_train, cfg.train)
@@ -316,8 +389,24 @@ class Checkpointer:
         """The resumed client state (step, skipped_steps, ...), or None for a fresh start. Collective."""
         if self.resume_from is None:
             return None
-        state = load(engine, self.resume_from, rank=self.info.rank, world_size=self.info.world_size,
-                     global_batch_size=global_batch_size, universal=self.universal)
+        try:
+            state, error = load(engine, self.resume_from, rank=self.info.rank, world_size=self.info.world_size,
+                                global_batch_size=global_batch_size, universal=self.universal), None
+        except ConfigError:
+            raise
+        except Exception as e:  # a damaged file of the right size (torch/pickle errors): fall back, all ranks
+            state, error = None, f"{_bad_zip(self.resume_from, self.info.rank)}{type(e).__name__}: {str(e)[:160]}"
+        errors = [(r, e) for r, e in enumerate(gather(error)) if e]
+        if errors:
+            rank, error = errors[0]
+            previous = None if self.universal else previous_good(self.ckpt_dir, self.resume_from, self._say)
+            if previous is None:
+                raise CicError(f"checkpoint {self.resume_from} failed to load on rank {rank} ({error}) and no "
+                               f"older complete checkpoint of this world size is left: start a new --run-dir")
+            self._say(f"checkpoint {self.resume_from} failed to load on rank {rank} ({error}); resuming from the "
+                      f"previous complete checkpoint {previous}")
+            self.resume_from = previous
+            return self.load(engine, global_batch_size)
         self.last_saved_step = int(state["step"])
         from cic_gpt2.resume_guard import apply_grad_clip
 
@@ -325,6 +414,10 @@ class Checkpointer:
         if note and self.info.is_main:
             print(note, flush=True)
         return state
+
+    def _say(self, text: str) -> None:
+        if self.info.is_main:
+            warn(text)
 
     def due(self, step: int, total_steps: int) -> bool:
         """On the cadence, except the last step (the end of training saves it anyway)."""

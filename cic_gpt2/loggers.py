@@ -105,6 +105,23 @@ class LoggerContainer:
             logger.close()
 
 
+class SharedFailureLogger:
+    """Every rank of a distributed run: rank 0's loggers write under `collective.on_main`, so a failed write
+    (a disk quota: OSError) is the same one-line error on every rank at once, not a peer left waiting in the
+    next collective for dist.timeout_s. Costs one small broadcast per log call (log steps only)."""
+
+    def __init__(self, inner: Logger, is_main: bool, path: str | Path) -> None:
+        self.inner, self.is_main, self.path = inner, is_main, path
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        from cic_gpt2.collective import on_main
+
+        on_main(self.is_main, f"writing the metrics of step {step} under {self.path}", self.inner.log, metrics, step)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def build_logger(run_dir: str | Path, is_main: bool, tensorboard: bool = True,
                  resume_step: int | None = None) -> Logger:
     """Rank 0: JSONL at RUN_DIR/metrics.jsonl (+ TensorBoard at RUN_DIR/tb). Other ranks: a NullLogger.

@@ -1,4 +1,5 @@
-"""What a resume must share with the run it continues (#13 item 6): the prepared dataset and `train.seed`.
+"""What a resume must share with the run it continues (#13 item 6): the prepared dataset and `train.seed`;
+and each rank's RNG state, saved with every checkpoint.
 
 `--resume auto` onto a checkpoint made from a differently prepared dataset (another split seed, other
 classes, another dedup mode) would resume "at step k" of another shuffle of other rows; another `train.seed`
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Optional
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
 
 from cic_gpt2.errors import ConfigError
 
@@ -73,3 +78,43 @@ def apply_grad_clip(engine, saved_train: Optional[dict], grad_clip: float) -> Op
         return (f"train.grad_clip {saved} -> {grad_clip}: the resumed run clips at {grad_clip} (DeepSpeed would "
                 f"have kept the checkpoint's {saved})")
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state (per rank: dropout masks differ between ranks and must continue exactly); saved by checkpoint.save
+# --------------------------------------------------------------------------------------------------
+def _numpy_state_to_torch(s: tuple) -> tuple:
+    return (str(s[0]), torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4]))
+
+
+def _numpy_state_from_torch(s: tuple) -> tuple:
+    return (s[0], s[1].numpy().astype(np.uint32), int(s[2]), int(s[3]), float(s[4]))
+
+
+def rng_state() -> dict:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's state as tensors and plain numbers, so the file loads with weights_only=True
+        "numpy": _numpy_state_to_torch(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(_numpy_state_from_torch(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_new_rank(seed: int, rank: int, step: int) -> None:
+    """Its own RNG stream from (train.seed, rank, step): without it every new rank keeps the state of the
+    shared init seed, and they all draw the same dropout masks. Deterministic, so the resume stays exact."""
+    value = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # CUDA generators too

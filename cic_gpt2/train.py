@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     prepared = Prepared.load(cfg.data.path)
     tokenizer = load_model_tokenizer(cfg.model, prepared.manifest)
     prepared.check_tokenizer(tokenizer, what=f"model {cfg.model.name}'s tokenizer")
-    resume_from = Checkpointer.resolve(cfg)
+    resume_from = Checkpointer.resolve(cfg, info.is_main)
     preflight.check_train_run(cfg, prepared.manifest, info.world_size, ds_config.precision_of(ds_dict), resume_from)
     preempted_status = preempt.exit_status()  # 75, or 0 under cic_gpt2.supervise (which returns 75 itself)
     if info.is_main:

@@ -334,7 +334,9 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
     import torch
 
     from cic_gpt2.data import class_weights
-    from cic_gpt2.loggers import build_logger
+    from cic_gpt2.checkpoint import read_marker
+    from cic_gpt2.collective import agree, check_shared_dir, on_main
+    from cic_gpt2.loggers import NullLogger, SharedFailureLogger, build_logger
     from cic_gpt2.model import build_model
 
     tr = cfg.train
@@ -342,6 +344,12 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         "run_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
         "data_manifest.json": json.dumps(prepared.manifest, indent=2) + "\n",
     })
+    # Every rank picked its resume tag from its own listing: one run dir for all, and the same tag (#13 item 11).
+    check_shared_dir(checkpointer.ckpt_dir.parent, info.rank, info.is_main)
+    step = int(read_marker(resume_from)["step"]) if resume_from is not None else None
+    agree((step, checkpointer.universal), f"the checkpoint to resume from in {checkpointer.ckpt_dir} (each rank lists "
+          f"it itself: a stale directory listing on some node?); rerun, or pass --resume with one step-* dir",
+          lambda v: "a fresh start" if v[0] is None else f"step {v[0]}" + (" via universal" if v[1] else ""))
     ds_dict = checkpointer.engine_config(ds_dict)  # what the engine runs with; export stores it too
     checkpointer.side_files["ds_config.json"] = json.dumps(ds_dict, indent=2) + "\n"
     torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
@@ -363,10 +371,11 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         torch.manual_seed(tr.seed + 1_000_003 * info.rank)  # dropout masks differ between ranks
     start_step = int(state["step"]) if state else 0
     run_dir = checkpointer.ckpt_dir.parent
-    logger = build_logger(run_dir, info.is_main, cfg.log.tensorboard, resume_step=start_step if state else None)
-    if info.is_main:
-        write_text(run_dir / "config.yaml", checkpointer.side_files["run_config.yaml"])
-        write_text(run_dir / "ds_config.json", checkpointer.side_files["ds_config.json"])
+    logger = SharedFailureLogger(on_main(info.is_main, f"opening the metrics files in {run_dir}", build_logger, run_dir,
+                                         True, cfg.log.tensorboard, start_step if state else None) or NullLogger(),
+                                 info.is_main, run_dir)
+    on_main(info.is_main, f"writing {run_dir / 'config.yaml'} and ds_config.json", _write_configs, run_dir,
+            checkpointer.side_files)
     trainer = Trainer(cfg, info, engine, classifier, tokenizer, prepared, checkpointer, logger, watcher, total_steps,
                       start_step, int(state.get("skipped_steps", 0)) if state else 0, (state or {}).get("best"),
                       bool((state or {}).get("val_pending", False)), lr_plan)
@@ -374,8 +383,13 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         f"training {total_steps} steps ({steps_per_epoch}/epoch, global batch {global_batch_size} = "
         f"{tr.micro_batch_size} x {tr.grad_accum} x {info.world_size} ranks, {trainer.precision}, "
         f"ZeRO-{engine.zero_optimization_stage()})"
-        + (f", resumed from {resume_from} at step {start_step}" if state else "")
+        + (f", resumed from {checkpointer.resume_from} at step {start_step}" if state else "")
         + (" (resharded via a universal checkpoint)" if checkpointer.universal else "")
         + (f"; LR decay re-planned from step {lr_plan.decay_from} (train.extend_schedule)"
            if state and lr_plan.decay_from else ""))
     return trainer
+
+
+def _write_configs(run_dir, side_files: dict) -> None:
+    write_text(run_dir / "config.yaml", side_files["run_config.yaml"])
+    write_text(run_dir / "ds_config.json", side_files["ds_config.json"])

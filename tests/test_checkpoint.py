@@ -69,3 +69,36 @@ def test_rng_state_round_trip():
     random.random(), np.random.rand(), torch.rand(1)  # move on
     ckpt.set_rng_state(state)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def _sized_tag(root, step):
+    """A complete tag whose marker records its files' sizes, as `checkpoint.save` writes it."""
+    d = _tag(root, step, complete=False)
+    (d / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"optimizer partition")
+    marker = {"step": step, "world_size": 2, "files": ckpt.file_sizes(d)}
+    (d / ckpt.COMPLETE_MARKER).write_text(json.dumps(marker))
+    return d
+
+
+def test_auto_resume_skips_a_newest_checkpoint_with_a_truncated_file_and_names_it(tmp_path):
+    root = tmp_path / "checkpoints"
+    older, newest = _sized_tag(root, 4), _sized_tag(root, 8)
+    assert ckpt.verify(newest) is None and ckpt.resolve_resume("auto", tmp_path) == newest
+    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"optim")  # truncated: 5 of 19 bytes
+    said = []
+    assert ckpt.resolve_resume("auto", tmp_path, said.append) == older
+    assert len(said) == 1 and str(shard) in said[0] and "5 bytes, the marker recorded 19" in said[0], said
+    assert f"resuming from the previous complete checkpoint {older}" in said[0]
+    with pytest.raises(ConfigError, match="is damaged: .*zero_pp_rank_1"):
+        ckpt.resolve_resume(str(newest), tmp_path)
+    (older / "mp_rank_00_model_states.pt").unlink()  # nothing usable left: refused, naming the newest
+    with pytest.raises(ConfigError, match="step-000008 is damaged"):
+        ckpt.resolve_resume("auto", tmp_path, said.append)
+    assert any("mp_rank_00_model_states.pt is missing" in s for s in said), said
+
+
+def test_files_are_fsynced_by_the_rank_whose_name_they_carry():
+    assert [ckpt._rank_of(n) for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                                       "bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt", "rng_state_rank5.pt",
+                                       "run_config.yaml")] == [0, 3, 12, 5, 0]

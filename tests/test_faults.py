@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,8 +56,22 @@ if kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         real_write(path, text)
     checkpoint.write_text = write
+if os.environ.get("CIC_TEST_PRUNE_QUOTA"):  # this rank's pruning hits a disk quota, as on a full /scratch
+    import errno
+    from cic_gpt2 import checkpoint
+    def prune(ckpt_dir, *args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(ckpt_dir))
+    checkpoint.prune = prune
+if os.environ.get("CIC_TEST_HIDE_STEP"):  # this rank's listing misses a checkpoint (a stale Lustre/NFS cache)
+    from cic_gpt2 import checkpoint
+    real_list = checkpoint.list_checkpoints
+    hidden = checkpoint.tag_for(int(os.environ["CIC_TEST_HIDE_STEP"]))
+    checkpoint.list_checkpoints = lambda d: [c for c in real_list(d) if c[1].name != hidden]
+args = sys.argv[1:]
+if os.environ.get("CIC_TEST_RUN_DIR"):  # this rank's run dir is another directory (node-local disk)
+    args[args.index("--run-dir") + 1] = os.environ["CIC_TEST_RUN_DIR"]
 from cic_gpt2.cli import main
-raise SystemExit(main(["train", *sys.argv[1:]]))
+raise SystemExit(main(["train", *args]))
 """
 
 
@@ -226,6 +241,81 @@ def test_kill_during_checkpoint_write_is_never_resumed_from(reference_run, prepa
     estimate = preflight.estimate_checkpoint(n_params, 2, "fp32", export=False)
     real = sum(f.stat().st_size for f in (ckpt_dir / ckpt.tag_for(MAX_STEPS)).rglob("*") if f.is_file())
     assert 0.95 * estimate.checkpoint_bytes < real < estimate.needed_bytes, (real, estimate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "unreadable"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run, prepared_v2, tmp_path, damage):
+    """The newest complete checkpoint lost bytes after its COMPLETE marker was written (a node crash before
+    the page cache reached Lustre; a bad disk): `truncated` cuts rank 1's optimizer shard in half (its size no
+    longer matches the marker's), `unreadable` zeroes its last 4 KiB (same size: torch cannot load it).
+    `--resume auto` warns, naming the file, resumes from the previous complete checkpoint and ends with the
+    uninterrupted run's weights."""
+    run_dir = tmp_path / damage
+    shutil.copytree(reference_run, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    newest, previous = ckpt_dir / ckpt.tag_for(MAX_STEPS), ckpt_dir / ckpt.tag_for(MAX_STEPS - SAVE_EVERY)
+    assert ckpt.is_complete(newest) and ckpt.is_complete(previous)
+    assert set(ckpt.read_marker(newest)["files"]) >= {"rng_state_rank1.pt", "run_config.yaml"}
+    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(size // 2)
+        else:
+            f.seek(size - 4096)
+            f.write(bytes(4096))
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "--resume", "auto"))
+    out = logs(run_dir)
+    assert codes == [0, 0], out
+    assert f"warning: checkpoint {newest} " in out and f"previous complete checkpoint {previous}" in out, out
+    assert str(shard) in out and (damage == "truncated" or "failed to load on rank 1" in out), out
+    assert f"resumed from {previous} at step {MAX_STEPS - SAVE_EVERY}" in out, out
+    assert ckpt.verify(newest) is None, "the step was saved again"
+    assert_same_final_weights(run_dir, reference_run)
+
+
+@pytest.mark.slow
+def test_rank0_only_write_failure_is_the_same_error_on_every_rank_at_once(prepared_v2, tmp_path):
+    """Rank 0's pruning of old checkpoints raises OSError (disk quota) between two collectives, on rank 0
+    alone: both ranks exit 2 with the same one line naming the checkpoint, at once, long before the 600 s
+    collective timeout (rank 1 hears it through the broadcast that ends the rank-0 section)."""
+    run_dir = tmp_path / "quota"
+    procs = start_ranks(run_dir, prepared_v2, timeout_s=600, rank_env={0: {"CIC_TEST_PRUNE_QUOTA": "1"}})
+    codes = wait_all(procs, timeout=RUN_TIMEOUT_S)  # a rank waiting out the 600 s timeout fails here
+    assert codes == [2, 2], (codes, logs(run_dir))
+    tag_dir = run_dir / "checkpoints" / ckpt.tag_for(SAVE_EVERY)
+    for rank in (0, 1):
+        log = (tmp_path / f"quota.rank{rank}.log").read_text(errors="replace")
+        line = f"cic-gpt2 train: error: completing checkpoint {tag_dir} (side files, COMPLETE, pruning old ones) " \
+               f"failed on rank 0: [Errno {errno.EDQUOT}] Disk quota exceeded"
+        assert line in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_run_dirs_or_tags_fail_together(reference_run, prepared_v2, tmp_path):
+    """Each rank resolves --resume auto from its own listing. (1) Rank 1's run dir is another directory (as a
+    node-local /tmp of the same path on another node; test hook CIC_TEST_RUN_DIR): both ranks exit 2 saying the
+    run dir is not shared. (2) Rank 1's listing misses the newest checkpoint (a stale cache; test hook
+    CIC_TEST_HIDE_STEP filters it out of rank 1's list_checkpoints): both exit 2 naming each rank's step."""
+    run_dir = tmp_path / "local"
+    codes = wait_all(start_ranks(run_dir, prepared_v2, timeout_s=600,
+                                 rank_env={1: {"CIC_TEST_RUN_DIR": str(tmp_path / "other-node")}}))
+    assert codes == [2, 2], (codes, logs(run_dir))
+    for rank in (0, 1):
+        log = (tmp_path / f"local.rank{rank}.log").read_text(errors="replace")
+        assert f"error: run dir {run_dir} is not shared across nodes: rank(s) 1 do not see" in log, log[-3000:]
+        assert "must be on a filesystem every node mounts" in log and "Traceback" not in log, log[-3000:]
+
+    run_dir = tmp_path / "stale"
+    shutil.copytree(reference_run, run_dir)
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "--resume", "auto", timeout_s=600,
+                                 rank_env={1: {"CIC_TEST_HIDE_STEP": str(MAX_STEPS)}}))
+    assert codes == [2, 2], (codes, logs(run_dir))
+    for rank in (0, 1):
+        log = (tmp_path / f"stale.rank{rank}.log").read_text(errors="replace")
+        assert "error: the ranks disagree on the checkpoint to resume from" in log, log[-3000:]
+        assert f"rank 0: step {MAX_STEPS}; rank 1: step {MAX_STEPS - SAVE_EVERY}" in log, log[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------
