@@ -78,8 +78,11 @@ STUB_SRUN = r"""#!/bin/bash
 printf '%s\n' "$*" >> "$STUB_DIR/srun.log"
 "$@" &
 child=$!
-trap 'kill -USR1 "$child"; wait "$child"; exit $?' USR1
+# STUB_SRUN_EXIT: what srun -K / KillOnBadExit=1 reports after killing the other tasks (137), whatever the task's
+trap 'kill -USR1 "$child"; wait "$child"; rc=$?; exit "${STUB_SRUN_EXIT:-$rc}"' USR1
 wait "$child"
+rc=$?
+exit "${STUB_SRUN_EXIT:-$rc}"
 """
 STUB_SCONTROL = r"""#!/bin/bash
 printf '%s\n' "$*" >> "$STUB_DIR/scontrol.log"
@@ -91,8 +94,11 @@ STUB_PYTHON = r"""#!/bin/bash
 if [[ "$1" == -c ]]; then exec "$REAL_PYTHON" "$@"; fi  # inline helpers run for real
 printf '%s\n' "$*" >> "$STUB_DIR/python.log"
 env > "$STUB_DIR/python.env"
-if [[ "${STUB_MODE:-}" == preempt ]]; then
-    trap 'echo USR1 >> "$STUB_DIR/signals"; sleep 0.2; exit 75' USR1
+run_dir=""
+prev=""
+for arg in "$@"; do [[ "$prev" == --run-dir ]] && run_dir="$arg"; prev="$arg"; done
+if [[ "${STUB_MODE:-}" == preempt ]]; then  # as train does: checkpoint, rank 0's PREEMPTED marker, exit 75
+    trap 'echo USR1 >> "$STUB_DIR/signals"; sleep 0.2; mkdir -p "$run_dir"; [[ -n "${STUB_NO_MARKER:-}" ]] || echo "{\"step\": 3}" > "$run_dir/PREEMPTED"; exit 75' USR1
     touch "$STUB_DIR/ready"
     while true; do sleep 0.05; done
 fi
@@ -182,6 +188,49 @@ def test_sbatch_failure_is_not_requeued(fake_allocation):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert not (tmp / "scontrol.log").exists()
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def _preempt_sbatch(script, tmp, env):
+    """Run `script` with a task that checkpoints on USR1; send the batch shell USR1; (exit status, stderr)."""
+    proc = subprocess.Popen(["bash", str(script)], env={**env, "STUB_MODE": "preempt"}, cwd=tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.1)  # the script is now in `wait`
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_requeue_follows_the_marker_not_sruns_exit_code(script, fake_allocation):
+    """srun -K / KillOnBadExit=1: the first task to exit 75 gets the others killed and srun returns 137. The
+    job is requeued because rank 0's PREEMPTED marker exists; a 137 without the marker (a real failure) and a
+    stale marker from an earlier step are not requeued (#13 item 4)."""
+    tmp, env = fake_allocation
+    status, err = _preempt_sbatch(script, tmp, {**env, "STUB_SRUN_EXIT": "137"})
+    assert status == 75, err
+    assert (tmp / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "srun exit 137" in err and "requeueing job 4242" in err
+
+    (tmp / "scontrol.log").unlink()
+    (tmp / "ready").unlink()
+    status, err = _preempt_sbatch(script, tmp, {**env, "STUB_SRUN_EXIT": "137", "STUB_NO_MARKER": "1"})
+    assert status == 137 and not (tmp / "scontrol.log").exists(), err
+
+    run_dir = tmp / "scratch" / "cic-gpt2" / "runs" / "cic-test-4242"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "PREEMPTED").write_text('{"step": 1}\n')  # left by an earlier step
+    out = subprocess.run(["bash", str(script)], env={**env, "STUB_EXIT": "1", "STUB_SRUN_EXIT": "137"}, cwd=tmp,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 137 and not (tmp / "scontrol.log").exists(), out.stderr
 
 
 @pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
