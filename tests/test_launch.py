@@ -307,9 +307,31 @@ def test_deepspeed_sh_under_slurm_writes_the_hostfile(fake_allocation, with_scon
 
 def test_deepspeed_sh_on_a_workstation(fake_allocation):
     tmp, env = fake_allocation
-    line = _render("deepspeed.sh", tmp, {**env, "NUM_GPUS": "2", "SLURM_JOB_NODELIST": ""}, "x=1")
+    env = {**env, "NUM_GPUS": "2", "SLURM_JOB_NODELIST": "", "MASTER_PORT": "29511"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    line = _render("deepspeed.sh", tmp, env, "x=1")
     assert line == ["-m", "cic_gpt2.supervise", "--", env["PYTHON"], "-m", "deepspeed.launcher.runner",
-                    "--master_port", "29500", "--num_gpus", "2", "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
+                    "--master_port", "29511", "--num_gpus", "2", "--module", "--no_local_rank", "cic_gpt2", "train", "x=1"]
+
+
+def test_deepspeed_sh_keeps_cuda_visible_devices_and_picks_its_own_port(fake_allocation):
+    """#13 item 13: the user's CUDA_VISIBLE_DEVICES becomes --include (not --num_gpus, which DeepSpeed turns
+    into 0..N-1); with no MASTER_PORT a free port (never a fixed 29500 that two runs on one node share); under
+    SLURM the step's node list and the job/step port every node derives alike."""
+    tmp, env = fake_allocation
+    env = {k: v for k, v in env.items() if k != "MASTER_PORT"}
+    line = _render("deepspeed.sh", tmp, {**env, "SLURM_JOB_NODELIST": "", "CUDA_VISIBLE_DEVICES": "2,3"}, "x=1")
+    port = int(line[line.index("--master_port") + 1])
+    assert port != 29500 and 1024 < port < 65536
+    assert line[line.index("--master_port") + 2:line.index("--module")] == ["--include", "localhost:2,3"]
+    (tmp / "python.log").unlink()
+
+    from cic_gpt2.dist import slurm_port
+
+    line = _render("deepspeed.sh", tmp, {**env, "SLURM_TMPDIR": str(tmp), "SLURM_STEP_NODELIST": "blg4102",
+                                         "SLURM_STEP_ID": "1"}, "x=1")
+    assert int(line[line.index("--master_port") + 1]) == slurm_port("4242", "1")
+    assert (tmp / "cic-gpt2-hostfile.4242").read_text().splitlines() == ["blg4102 slots=1"]
 
 
 # ---------------------------------------------------------------------------------------------
