@@ -188,11 +188,38 @@ def check_resume_batch(resume_from: Optional[Path], global_batch: int, world_siz
 # --------------------------------------------------------------------------------------------------
 # Everything `cic-gpt2 train` checks before dist.init
 # --------------------------------------------------------------------------------------------------
+STALE_LOCK_S = 1800  # an op build takes minutes; a lock this old was left by a build that was killed
+
+
+def check_build_locks(max_age_s: float = STALE_LOCK_S, now: Optional[float] = None) -> None:
+    """Refuse to start behind a stale torch-extensions build lock: torch waits on `<op>/lock` with no timeout,
+    so a job killed mid-build (time limit, OOM) would make every later job on that directory wait forever."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # as torch picks it
+    if not root.is_dir():
+        return
+    now = time.time() if now is None else now
+    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:
+            continue  # released while we looked
+        if age > max_age_s:
+            raise CicError(f"{lock}: a torch/DeepSpeed op build lock {age / 60:.0f} min old, left by a build that "
+                           f"was killed; every job using {root} would wait on it forever. If no build is running "
+                           f"there, delete it (rm {lock}), or prebuild the ops once on a login node "
+                           f"(docs/launch.md, \"DeepSpeed's compiled op\")")
+
+
 def check_train_run(cfg, manifest: dict, world_size: int, precision: str,
                     resume_from: Optional[Path] = None, disk_usage: Optional[Callable] = None
                     ) -> CheckpointEstimate:
     """Batch vs data, resume batch, run dir writable and roomy enough. Reads files only: call it on every rank
     after the config, data and resume target are known and before `dist.init`."""
+    check_build_locks()
     global_batch = check_batch(cfg.train, int(manifest["splits"]["train"]["rows"]), world_size)
     check_resume_batch(resume_from, global_batch, world_size)
     n_params = param_count_for(cfg.model, list(manifest["label_names"]))

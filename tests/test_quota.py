@@ -92,3 +92,19 @@ def test_no_lustre_a_failing_or_hung_lfs_does_not_block_training(tmp_path, monke
     start = time.monotonic()
     assert lustre_quotas(tmp_path, timeout_s=0.5) == []
     assert time.monotonic() - start < 10
+
+
+def test_a_stale_op_build_lock_is_refused_by_name(tmp_path, monkeypatch):
+    """#13 item 5: torch waits on an extension's build `lock` with no timeout; a job killed mid-build leaves it.
+    A fresh lock (a build running now) is left alone; an old one stops the run with its path and the fix."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "py311_cu121" / "fused_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    preflight.check_build_locks()  # fresh: another job may be building
+    old = time.time() - preflight.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(CicError, match=r"fused_adam/lock: a torch/DeepSpeed op build lock 3\d min old.*rm "):
+        preflight.check_build_locks()
+    lock.unlink()
+    preflight.check_build_locks()
