@@ -53,7 +53,7 @@ PUBLISHED_ROWS = {
     "DictionaryBruteForce": 13_064,
 }
 
-# The demo's settings (cic_gpt2/demo.py), no evaluation before the end, no checkpoints or export.
+# The first-round demo settings (compact template), no evaluation before the end, no checkpoints or export.
 TRAIN_OVERRIDES = ["model.name=tiny", "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=30",
                    "train.schedule=cosine", "train.eval_every=0", "log.log_every=50", "log.progress=false",
                    "log.tensorboard=false", "checkpoint.every_steps=0", "checkpoint.export=false"]

@@ -5,7 +5,7 @@
     cic-gpt2 demo --nproc 1 train.epochs=2
 
 `run_demo` runs prepare -> torchrun train -> test metrics beside a RandomForest -> export. Stages, outputs
-and what the demo gives: docs/training.md ("The demo's settings and what they give").
+and what the demo gives: docs/training.md ("The CPU recipe (`configs/cpu_tiny.yaml`) and the demo").
 """
 from __future__ import annotations
 

@@ -238,21 +238,9 @@ def test_sbatch_usr1_is_forwarded_and_the_job_requeued(script, fake_allocation):
     """SLURM's warning signal reaches the batch shell only (B:); the trap forwards it through srun to the
     task, waits for it to checkpoint and exit 75, then requeues the job."""
     tmp, env = fake_allocation
-    proc = subprocess.Popen(["bash", str(script)], env={**env, "STUB_MODE": "preempt"}, cwd=tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not (tmp / "ready").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(0.1)  # the script is now in `wait`
-        proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    status, err = _preempt_sbatch(script, tmp, env)
     assert (tmp / "signals").read_text().split() == ["USR1"]  # the task got it exactly once
-    assert proc.returncode == 75, err
+    assert status == 75, err
     assert (tmp / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert "requeueing job 4242" in err
 
