@@ -54,7 +54,7 @@ if kill_step:
     def write(path, text):
         if path.name == checkpoint.COMPLETE_MARKER and path.parent.name == checkpoint.tag_for(int(kill_step)):
             os.kill(os.getpid(), signal.SIGKILL)
-        real_write(path, text)
+        return real_write(path, text)
     checkpoint.write_text = write
 if os.environ.get("CIC_TEST_PRUNE_QUOTA"):  # this rank's pruning hits a disk quota, as on a full /scratch
     import errno
