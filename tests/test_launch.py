@@ -538,7 +538,8 @@ def test_sigusr1_checkpoints_exits_75_and_resume_matches(torchrun_reference, pre
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while not (metrics.exists() and metrics.read_text().count("train/loss") >= 2):
+        # '"train/loss":' not 'train/loss': each logged line also holds train/loss_scale
+        while not (metrics.exists() and metrics.read_text().count('"train/loss":') >= 2):
             assert all(p.poll() is None for p in procs), _logs(run_dir)
             assert time.monotonic() < deadline, _logs(run_dir)
             time.sleep(0.05)
