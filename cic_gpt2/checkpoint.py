@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.files import write_text
 from cic_gpt2.resume_guard import check_same_run, rng_state, seed_new_rank, set_rng_state  # noqa: F401
 from cic_gpt2.schedule import LrPlan, check_resume
+from cic_gpt2.universal import UNIVERSAL_DIR, convert
 
 COMPLETE_MARKER = "COMPLETE"
-UNIVERSAL_DIR = "universal"
 # ds_to_universal refuses checkpoints without this key in the client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 _TAG_RE = re.compile(r"^step-(\d{6,})$")
@@ -61,6 +60,24 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path, bool]]:
 def latest_complete(ckpt_dir: str | Path) -> Optional[Path]:
     complete = [path for _, path, ok in list_checkpoints(ckpt_dir) if ok]
     return complete[-1] if complete else None
+
+
+def resolve_tag_dir(path: str | Path, verb: str) -> Path:
+    """A complete `step-NNNNNN` tag dir from a tag dir, a checkpoints dir or a run dir (`verb`: for the error)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CicError(f"checkpoint {path}: no such directory")
+    if (path / "run_config.yaml").is_file() or is_complete(path):
+        if not is_complete(path):
+            raise CicError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker: the save was "
+                           f"interrupted); {verb} an older step-* directory")
+        return path
+    for candidate in (path, path / "checkpoints"):
+        latest = latest_complete(candidate)
+        if latest is not None:
+            return latest
+    raise CicError(f"{path} holds no complete checkpoint (expected step-NNNNNN/ with a "
+                   f"{COMPLETE_MARKER} marker, or RUN_DIR/checkpoints/)")
 
 
 def verify(tag_dir: str | Path) -> Optional[str]:
@@ -272,36 +289,6 @@ def saved_run_config(tag_dir: Path) -> dict:
     return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
 
 
-def convert_to_universal(tag_dir: Path, *, is_main: bool) -> Path:
-    """Collective. Rank 0 converts `tag_dir` (once) to DeepSpeed's universal format, written to a temp dir
-    and renamed when complete; every rank gets the result or the same error."""
-    import torch.distributed as tdist
-
-    out = tag_dir / UNIVERSAL_DIR
-    error = None
-    if is_main and not is_complete(out):
-        tmp = tag_dir / f".{UNIVERSAL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            error = (f"converting {tag_dir} (written by {saved_world_size(tag_dir)} ranks) to a universal checkpoint "
-                     f"failed: {last}. Resume with {saved_world_size(tag_dir)} processes instead")
-        else:
-            shutil.copy(tag_dir / COMPLETE_MARKER, tmp / COMPLETE_MARKER)
-            os.replace(tmp, out)
-    if tdist.is_available() and tdist.is_initialized():
-        box = [error]
-        tdist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise CicError(error)
-    return out
-
-
 def load(engine, tag_dir: Path, *, rank: int, world_size: int, global_batch_size: int, universal: bool) -> dict:
     """Load weights, optimizer partition, LR scheduler and this rank's RNG; returns our client state.
     `universal`: load from tag_dir/universal (the engine must have been built with checkpoint.load_universal)."""
@@ -338,6 +325,7 @@ class Checkpointer:
         self.every_steps, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
         self.info, self.resume_from, self.side_files = info, resume_from, side_files
         self.grad_clip = cfg.train.grad_clip
+        self.lost_after_s, self.convert_timeout_s = cfg.dist.timeout_s, cfg.checkpoint.convert_timeout_s
         # A checkpoint from another world size is resharded through DeepSpeed's universal format.
         self.universal = resume_from is not None and saved_world_size(resume_from) != info.world_size
         self.last_saved_step = -1
@@ -378,11 +366,14 @@ class Checkpointer:
             return saved.extended(total_steps, int(marker["step"]))
         return LrPlan.of(train_cfg, total_steps)  # same keys, another data size (epochs): this run's plan
 
-    def engine_config(self, ds_dict: dict) -> dict:
-        """Collective when resharding: converts the checkpoint and returns the DeepSpeed dict that loads it."""
+    def engine_config(self, ds_dict: dict, nonce: Optional[str] = None) -> dict:
+        """Every rank, when resharding: rank 0 converts the checkpoint while the others wait on its status
+        file (`universal.convert`; `nonce`: this launch's, from check_shared_dir); returns the DeepSpeed dict
+        that loads it."""
         if not self.universal:
             return ds_dict
-        convert_to_universal(self.resume_from, is_main=self.info.is_main)
+        convert(self.resume_from, is_main=self.info.is_main, nonce=nonce, lost_after_s=self.lost_after_s,
+                timeout_s=self.convert_timeout_s, saved_world_size=saved_world_size(self.resume_from))
         return {**ds_dict, "checkpoint": {**ds_dict.get("checkpoint", {}), "load_universal": True}}
 
     def load(self, engine, global_batch_size: int) -> Optional[dict]:

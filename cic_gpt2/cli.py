@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("cic_gpt2.check", "probe every rank (device, all-reduce, ops, shared run dir, quota, data, model) "
                                 "before training"),
     "export": ("cic_gpt2.export", "DeepSpeed checkpoint -> Hugging Face model directory"),
+    "convert": ("cic_gpt2.convert", "reshard a checkpoint to DeepSpeed's universal format before a resume at "
+                                    "another world size"),
     "evaluate": ("cic_gpt2.evaluate", "metrics of an exported model on a prepared split or raw CSVs"),
     "predict": ("cic_gpt2.predict", "classify flows in a CSV with an exported model"),
     "baseline": ("cic_gpt2.baseline", "RandomForest / HistGradientBoosting on the same split"),

@@ -163,8 +163,13 @@ class CheckpointConfig:
     """`none`, `auto` (latest complete checkpoint in run_dir/checkpoints, if any) or a checkpoint path."""
     export: bool = True
     """Write a Hugging Face model directory to run_dir/export at the end."""
+    convert_timeout_s: float = 7200.0
+    """Longest a resharding conversion to DeepSpeed's universal format may take (resume at another world
+    size; rank 0 converts, the others wait); 0: no limit. `cic-gpt2 convert` does it before the job."""
 
     def __post_init__(self) -> None:
+        if self.convert_timeout_s < 0:
+            raise ConfigError(f"checkpoint.convert_timeout_s={self.convert_timeout_s} must be >= 0 (0: no limit)")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1")
 

@@ -22,26 +22,6 @@ HELP = "DeepSpeed checkpoint -> Hugging Face model directory"
 # --------------------------------------------------------------------------------------------------
 # ZeRO checkpoint -> export
 # --------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete `step-NNNNNN` tag dir from a tag dir, a checkpoints dir or a run dir."""
-    from cic_gpt2 import checkpoint
-
-    path = Path(path)
-    if not path.is_dir():
-        raise CicError(f"checkpoint {path}: no such directory")
-    if (path / "run_config.yaml").is_file() or checkpoint.is_complete(path):
-        if not checkpoint.is_complete(path):
-            raise CicError(f"checkpoint {path} is incomplete (no {checkpoint.COMPLETE_MARKER} marker: the save was "
-                           f"interrupted); export an older step-* directory")
-        return path
-    for candidate in (path, path / "checkpoints"):
-        latest = checkpoint.latest_complete(candidate)
-        if latest is not None:
-            return latest
-    raise CicError(f"{path} holds no complete checkpoint (expected step-NNNNNN/ with a "
-                   f"{checkpoint.COMPLETE_MARKER} marker, or RUN_DIR/checkpoints/)")
-
-
 def load_checkpoint_classifier(tag_dir: Path):
     """(classifier with the consolidated fp32 weights, tokenizer, manifest, run_config dict, ds_config dict)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -86,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    tag_dir = resolve_checkpoint(args.checkpoint)
+    from cic_gpt2.checkpoint import resolve_tag_dir
+
+    tag_dir = resolve_tag_dir(args.checkpoint, "export")
     out = Path(args.output) if args.output else default_output(tag_dir)
     classifier, tokenizer, manifest, run_config, ds_config = load_checkpoint_classifier(tag_dir)
     export_hf(classifier, out, tokenizer, manifest, run_config, ds_config)

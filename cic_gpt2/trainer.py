@@ -345,12 +345,12 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, ds_dict: dict, prepared, 
         "data_manifest.json": json.dumps(prepared.manifest, indent=2) + "\n",
     })
     # Every rank picked its resume tag from its own listing: one run dir for all, and the same tag (#13 item 11).
-    check_shared_dir(checkpointer.ckpt_dir.parent, info.rank, info.is_main)
+    nonce = check_shared_dir(checkpointer.ckpt_dir.parent, info.rank, info.is_main)
     step = int(read_marker(resume_from)["step"]) if resume_from is not None else None
     agree((step, checkpointer.universal), f"the checkpoint to resume from in {checkpointer.ckpt_dir} (each rank lists "
           f"it itself: a stale directory listing on some node?); rerun, or pass --resume with one step-* dir",
           lambda v: "a fresh start" if v[0] is None else f"step {v[0]}" + (" via universal" if v[1] else ""))
-    ds_dict = checkpointer.engine_config(ds_dict)  # what the engine runs with; export stores it too
+    ds_dict = checkpointer.engine_config(ds_dict, nonce)  # what the engine runs with; export stores it too
     checkpointer.side_files["ds_config.json"] = json.dumps(ds_dict, indent=2) + "\n"
     torch.manual_seed(tr.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     classifier = build_model(cfg.model, prepared.label_names, tokenizer, class_weights=class_weights(

@@ -67,6 +67,19 @@ if os.environ.get("CIC_TEST_HIDE_STEP"):  # this rank's listing misses a checkpo
     real_list = checkpoint.list_checkpoints
     hidden = checkpoint.tag_for(int(os.environ["CIC_TEST_HIDE_STEP"]))
     checkpoint.list_checkpoints = lambda d: [c for c in real_list(d) if c[1].name != hidden]
+converter = os.environ.get("CIC_TEST_CONVERTER")
+if converter:  # this rank's universal conversion fails ("fail") or starts late ("slow:S", S seconds)
+    from cic_gpt2 import universal
+    real_command = universal.converter_command
+    def command(tag_dir, output, workers):
+        if converter == "fail":
+            return [sys.executable, "-c", "print('ValueError: injected converter failure'); raise SystemExit(3)"]
+        # sleeps S s, unless its parent (rank 0) dies first: then it exits and converts nothing
+        late = ("import os, subprocess, sys, time\\nparent, end = os.getppid(), time.time() + %s\\n"
+                "while time.time() < end and os.getppid() == parent: time.sleep(0.2)\\n"
+                "sys.exit(subprocess.call(sys.argv[1:]) if os.getppid() == parent else 1)" % converter.split(":")[1])
+        return [sys.executable, "-c", late, *real_command(tag_dir, output, workers)]
+    universal.converter_command = command
 args = sys.argv[1:]
 if os.environ.get("CIC_TEST_RUN_DIR"):  # this rank's run dir is another directory (node-local disk)
     args[args.index("--run-dir") + 1] = os.environ["CIC_TEST_RUN_DIR"]
@@ -316,6 +329,99 @@ def test_ranks_that_see_different_run_dirs_or_tags_fail_together(reference_run, 
         log = (tmp_path / f"stale.rank{rank}.log").read_text(errors="replace")
         assert "error: the ranks disagree on the checkpoint to resume from" in log, log[-3000:]
         assert f"rank 0: step {MAX_STEPS}; rank 1: step {MAX_STEPS - SAVE_EVERY}" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resharding: rank 0 converts to DeepSpeed's universal format while the others wait (#13 item 2)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_rank_run(prepared_v2, tmp_path_factory) -> Path:
+    """A 1-process run with the 2-rank runs' global batch (micro 4 x accumulation 2): its checkpoints resume
+    on 2 ranks only through a universal conversion."""
+    run_dir = tmp_path_factory.mktemp("universal") / "one_rank"
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "train.grad_accum=2", world_size=1))
+    assert codes == [0], logs(run_dir)
+    return run_dir
+
+
+def _resharded_copy(one_rank_run: Path, tmp_path: Path) -> Path:
+    """A copy of the 1-rank run's step-12 checkpoint (keep_last=2 keeps 12 and 16; each test converts its own)."""
+    step = MAX_STEPS - SAVE_EVERY
+    tag = tmp_path / "saved" / ckpt.tag_for(step)
+    shutil.copytree(one_rank_run / "checkpoints" / ckpt.tag_for(step), tag)
+    return tag
+
+
+@pytest.mark.slow
+def test_a_universal_conversion_slower_than_the_collective_timeout_does_not_fail_the_waiting_rank(
+        one_rank_run, prepared_v2, tmp_path):
+    """Rank 0's conversion takes > 2 x dist.timeout_s (20 s; the converter starts 45 s late). Rank 1 waits on
+    rank 0's status file, in no collective, so both ranks finish the resharded run. Before: rank 1 waited in a
+    broadcast bounded by the timeout and failed after 20 s."""
+    tag, run_dir = _resharded_copy(one_rank_run, tmp_path), tmp_path / "resumed"
+    start = time.monotonic()
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "--resume", str(tag),
+                                 rank_env={0: {"CIC_TEST_CONVERTER": "slow:45"}}))
+    assert codes == [0, 0], logs(run_dir)
+    assert time.monotonic() - start > 45 + TIMEOUT_S / 2
+    assert "resharded via a universal checkpoint" in logs(run_dir)
+    assert ckpt.is_complete(tag / "universal")
+    status = json.loads((tag / ".universal.status.json").read_text())
+    assert status["state"] == "done" and status["beat"] >= 45 // 5, status  # rank 0 kept beating meanwhile
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_a_failing_universal_conversion_fails_every_rank_at_once_with_its_line(one_rank_run, prepared_v2,
+                                                                                tmp_path):
+    """The converter exits 3 on rank 0: both ranks exit 2 with the same line (the converter's last line, the
+    log path, the advice), long before the 600 s collective timeout."""
+    tag, run_dir = _resharded_copy(one_rank_run, tmp_path), tmp_path / "resumed"
+    procs = start_ranks(run_dir, prepared_v2, "--resume", str(tag), timeout_s=600,
+                        rank_env={0: {"CIC_TEST_CONVERTER": "fail"}})
+    assert wait_all(procs) == [2, 2], logs(run_dir)
+    line = (f"cic-gpt2 train: error: converting {tag} (written by 1 ranks) to a universal checkpoint failed (exit 3): "
+            f"ValueError: injected converter failure (log: {tag / '.universal.log'}). Resume with 1 processes instead")
+    for rank in (0, 1):
+        log = (tmp_path / f"resumed.rank{rank}.log").read_text(errors="replace")
+        assert line in log and "Traceback" not in log, log[-3000:]
+    assert not (tag / "universal").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_0_killed_mid_conversion_fails_the_waiting_rank_after_the_timeout(one_rank_run, prepared_v2,
+                                                                                 tmp_path):
+    """SIGKILL rank 0 while it converts: no `failed` status is ever written; rank 1 sees the heartbeat stop and
+    exits 2 after dist.timeout_s (20 s) naming rank 0 and the ways out, instead of waiting forever."""
+    tag, run_dir = _resharded_copy(one_rank_run, tmp_path), tmp_path / "resumed"
+    procs = start_ranks(run_dir, prepared_v2, "--resume", str(tag), rank_env={0: {"CIC_TEST_CONVERTER": "slow:600"}})
+    status = tag / ".universal.status.json"
+    try:
+        _wait_for(status, procs, run_dir)
+        procs[0].kill()
+        killed = time.monotonic()
+        assert procs[1].wait(timeout=TIMEOUT_S + 60) == 2, logs(run_dir)
+        assert time.monotonic() - killed >= TIMEOUT_S - 6  # the last beat may be up to HEARTBEAT_S old
+    finally:
+        wait_all(procs, timeout=5)
+    log = (tmp_path / "resumed.rank1.log").read_text(errors="replace")
+    assert f"cic-gpt2 train: error: rank 0 stopped converting {tag} to a universal checkpoint: the last heartbeat" \
+           in log and "rank 0 killed or its node lost?" in log and f"`cic-gpt2 convert {tag}`" in log, log[-3000:]
+    assert "Traceback" not in log and json.loads(status.read_text())["state"] == "running"
+
+
+@pytest.mark.slow
+def test_offline_convert_is_used_by_the_resharded_resume(one_rank_run, prepared_v2, tmp_path):
+    """`cic-gpt2 convert` before the job; the 2-rank resume then converts nothing (its converter would fail)."""
+    tag, run_dir = _resharded_copy(one_rank_run, tmp_path), tmp_path / "resumed"
+    proc = run_proc([sys.executable, "-m", "cic_gpt2", "convert", str(tag.parent), "--workers", "2"],
+                    timeout=RUN_TIMEOUT_S, env=_env(), cwd=REPO)
+    assert proc.returncode == 0 and f"wrote {tag / 'universal'}" in proc.stdout, proc.stdout + proc.stderr
+    assert ckpt.is_complete(tag / "universal")
+    codes = wait_all(start_ranks(run_dir, prepared_v2, "--resume", str(tag),
+                                 rank_env={0: {"CIC_TEST_CONVERTER": "fail"}}))
+    assert codes == [0, 0], logs(run_dir)
+    assert "resharded via a universal checkpoint" in logs(run_dir)
 
 
 # --------------------------------------------------------------------------------------------------
