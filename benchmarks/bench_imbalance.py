@@ -1,29 +1,34 @@
-"""Class imbalance: no correction vs `train.class_weights=balanced` vs `data.sampler=balanced`, on real rows.
+"""Class imbalance: no correction vs class weights (`balanced`, `sqrt`) vs the balanced sampler, on real rows.
 
-    python benchmarks/bench_imbalance.py                        # 20,000 rows, 3 epochs, 2 processes
-    python benchmarks/bench_imbalance.py --rows 10000 --epochs 2 --nproc 1 --variants none,weights
+    python benchmarks/bench_imbalance.py                         # 3 seeds x 4 variants, the cpu_tiny recipe
+    python benchmarks/bench_imbalance.py --seeds 0 --variants none,sqrt --template compact --config ""
 
 Builds a CSV whose classes follow the published per-class row counts of the full CICIoT2023 CSV release
 (`PUBLISHED_ROWS`, 46,686,579 rows; source in docs/training.md, "Imbalance") by resampling, WITH
 REPLACEMENT, the 4,050 real rows of the bundled merged-schema sample: rows are duplicated (a majority class
 repeats each of its few distinct rows hundreds of times). Of the 34 classes the sample has 27; the Web group
-and DictionaryBruteForce are absent, so the 8-class data has 6 groups, DDoS : Recon ~ 96 : 1. Every class
-keeps at least --min-rows rows.
+and DictionaryBruteForce are absent, so the 8-class data has 6 groups, DDoS : Recon ~ 84 : 1 in train. Every
+class keeps at least --min-rows rows.
 
-Duplicates must not leak from train into val/test: the distinct row texts (the compact template, what the
-model reads) are divided between the splits first, per class, and each CSV slot is filled from the pool of
-the split that `prepare --dedup none`'s own seeded split (`splits.assign_splits`) will put it in (the
-resample duplicates rows on purpose, so `--dedup group` would regroup them; the split of the distinct texts
-above is what keeps val/test free of training texts). After
-`python -m cic_gpt2 prepare --classes 8` the script checks that the splits came out as planned and that no
-val/test text occurs in train. Then it trains the tiny preset once per variant (same seed, same steps) with
-`torchrun ... -m cic_gpt2 train` and prints test macro-F1, accuracy and the recall of the minority classes.
+Duplicates must not leak from train into val/test: the distinct rows (by their compact-template text, which
+merges only rows equal to its printed precision) are divided between the splits first, per class, and each
+CSV slot is filled from the pool of the split that `prepare --dedup none`'s own seeded split
+(`splits.assign_splits`) will put it in (the resample duplicates rows on purpose, so `--dedup group` would
+regroup them; the split of the distinct rows above is what keeps val/test free of training rows). After
+`prepare --classes 8` the script checks, from the CSV lines themselves, that the splits came out as planned
+and that no val/test CSV row (its raw feature values) occurs in train. Then, per seed, it trains the recipe
+once per variant (same seed, same steps; `--config cpu_tiny`: the binned template, validation every
+`train.eval_every` steps choosing the model) with `torchrun ... -m cic_gpt2 train`, and prints test macro-F1,
+macro recall, accuracy, the recall of the three smallest groups and the selected step's validation macro-F1,
+per seed and as mean +- std (sample std) over the seeds. Finished runs are kept in --out-dir and reused when
+the script is rerun with the same arguments (a rerun after an interruption trains only what is missing).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,12 +58,13 @@ PUBLISHED_ROWS = {
     "DictionaryBruteForce": 13_064,
 }
 
-# The first-round demo settings (compact template), no evaluation before the end, no checkpoints or export.
-TRAIN_OVERRIDES = ["model.name=tiny", "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=30",
-                   "train.schedule=cosine", "train.eval_every=0", "log.log_every=50", "log.progress=false",
-                   "log.tensorboard=false", "checkpoint.every_steps=0", "checkpoint.export=false"]
+# The recipe's own settings stay; the benchmark turns off what it does not read (plots aside: cheap).
+TRAIN_OVERRIDES = ["log.progress=false", "log.tensorboard=false", "checkpoint.export=false"]
+# --config "": the first-round demo settings on the compact template, no validation before the end.
+DEMO_OVERRIDES = ["model.name=tiny", "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=30",
+                  "train.schedule=cosine", "train.eval_every=0", "log.log_every=50", "checkpoint.every_steps=0"]
 VARIANTS = {
-    "none": [],
+    "none": ["train.class_weights=none"],
     "weights": ["train.class_weights=balanced"],
     "sqrt": ["train.class_weights=sqrt"],
     "sampler": ["data.sampler=balanced"],
@@ -105,42 +111,71 @@ def build_csv(path: Path, rows: int, min_rows: int, seed: int) -> dict:
     source = np.array([rng.choice(pools[c, s]) for c, s in zip(slot_class, planned)])
     with open(path, "wb") as f:
         f.write(header + b"\r\n" + b"\r\n".join(data[i] for i in source) + b"\r\n")
-    return {"rows": target, "planned": planned, "distinct": {c: int(len(set(texts[raw == c]))) for c in present}}
+    vectors = [row.tobytes() for row in df[features].to_numpy(np.float64)]  # the raw feature values, not a text
+    return {"rows": target, "planned": planned, "source": source, "vectors": vectors,
+            "distinct": {c: int(len(set(texts[raw == c]))) for c in present}}
 
 
-def check_prepared(prepared_dir: Path, planned: np.ndarray) -> dict:
-    """The splits are the planned ones and share no text; returns rows per group per split."""
+def check_prepared(prepared_dir: Path, built: dict) -> dict:
+    """The splits are the planned ones and no val/test row's raw feature vector occurs in train (checked on
+    the CSV rows the script wrote, not on what prepare made of them); returns rows per group per split and
+    how many val/test rows share their model input with a train row (the binned template maps nearby
+    distinct vectors to the same words: no leak, but a model cannot tell such rows apart)."""
     from cic_gpt2.prepared import Prepared
 
     prepared = Prepared.load(prepared_dir)
-    seen = {}
+    vectors, inputs, same_input = {}, {}, {}
     for code, split in enumerate(("train", "val", "test")):
         table = prepared.table(split)
-        row_ids = np.sort(table.column("row_id").to_numpy())
-        if not np.array_equal(row_ids, np.flatnonzero(planned == code)):
+        row_ids = table.column("row_id").to_numpy()
+        if not np.array_equal(np.sort(row_ids), np.flatnonzero(built["planned"] == code)):
             raise SystemExit(f"prepare split {split} differs from the planned one: has prepare's split changed?")
-        seen[split] = {tuple(r) for r in table.column("input_ids").to_pylist()}
+        vectors[split] = {built["vectors"][built["source"][i]] for i in row_ids}
+        inputs[split] = [tuple(r) for r in table.column("input_ids").to_pylist()]
+    train_inputs = set(inputs["train"])
     for split in ("val", "test"):
-        shared = seen[split] & seen["train"]
+        shared = vectors[split] & vectors["train"]
         if shared:
-            raise SystemExit(f"{len(shared)} {split} texts also occur in train")
-    return {s: prepared.manifest["splits"][s]["class_counts"] for s in ("train", "val", "test")}
+            raise SystemExit(f"{len(shared)} distinct {split} feature vectors also occur in train")
+        same_input[split] = sum(i in train_inputs for i in inputs[split])
+    return {"counts": {s: prepared.manifest["splits"][s]["class_counts"] for s in ("train", "val", "test")},
+            "same_input": same_input, "test_rows": len(inputs["test"])}
 
 
-def train(prepared_dir: Path, run_dir: Path, nproc: int, epochs: float, seed: int, extra: list[str]) -> float:
-    from cic_gpt2.files import free_port
+def train(prepared_dir: Path, run_dir: Path, nproc: int, config: str, epochs: float, seed: int,
+          extra: list[str]) -> float:
+    """Train one variant (reused when run_dir holds this exact command's metrics.json); its seconds."""
+    from cic_gpt2.files import free_port, write_text
 
+    config_args = ["--config", config] if config else []
+    overrides = [*TRAIN_OVERRIDES, *([] if config else DEMO_OVERRIDES), f"train.epochs={epochs}",
+                 f"train.seed={seed}", *extra]
+    key = json.dumps({"nproc": nproc, "config": config, "overrides": overrides})
+    done = run_dir / "bench_done.json"
+    if done.is_file() and (run_dir / "metrics.json").is_file():
+        record = json.loads(done.read_text())
+        if record["key"] == key:
+            return record["seconds"]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                  "127.0.0.1", "--master_port", str(free_port())] if nproc > 1 else [sys.executable])
     cmd = [*launcher, "-m", "cic_gpt2", "train", "--data", str(prepared_dir), "--run-dir", str(run_dir),
-           *TRAIN_OVERRIDES, f"train.epochs={epochs}", f"train.seed={seed}", *extra]
+           "--resume", "none", *config_args, *overrides]
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier, unfinished or different run
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"train failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    write_text(done, json.dumps({"key": key, "seconds": seconds}) + "\n")
+    return seconds
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def main() -> int:
@@ -149,45 +184,65 @@ def main() -> int:
     p.add_argument("--min-rows", type=int, default=20, help="at least this many rows per class")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--nproc", type=int, default=2, help="training processes (1: no launcher)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the resample, the split and training")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the resample, the split and training")
+    p.add_argument("--template", default="binned", help="prepare --template (binned: the cpu_tiny recipe's)")
+    p.add_argument("--config", default="cpu_tiny", help='train --config ("": the first-round demo settings)')
     p.add_argument("--variants", default="none,weights,sqrt,sampler", help=f"comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--out-dir", default="bench_imbalance_out")
     args = p.parse_args()
-    variants = args.variants.split(",")
+    variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "imbalanced.csv"
-    built = build_csv(csv, args.rows, args.min_rows, args.seed)
-    prepared_dir = out / "prepared"
-    subprocess.run([sys.executable, "-m", "cic_gpt2", "prepare", str(csv), "--output", str(prepared_dir),
-                    "--classes", "8", "--seed", str(args.seed), "--overwrite", "--dedup", "none"], check=True, capture_output=True)
-    counts = check_prepared(prepared_dir, built["planned"])
-    present = [g for g, n in counts["train"].items() if n]
-    minority = sorted(present, key=lambda g: counts["train"][g])[:3]
-    print(f"{csv}: {sum(built['rows'].values()):,} rows resampled with replacement from "
-          f"{sum(built['distinct'].values()):,} distinct real rows (texts); no val/test text occurs in train")
-    print("rows per class (train/val/test): " + ", ".join(
-        f"{g} {counts['train'][g]}/{counts['val'][g]}/{counts['test'][g]}" for g in present))
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    minority = None
+    for seed in seeds:
+        seed_dir = out / f"seed-{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        csv = seed_dir / "imbalanced.csv"
+        built = build_csv(csv, args.rows, args.min_rows, seed)
+        prepared_dir = seed_dir / "prepared"
+        subprocess.run([sys.executable, "-m", "cic_gpt2", "prepare", str(csv), "--output", str(prepared_dir),
+                        "--classes", "8", "--seed", str(seed), "--overwrite", "--dedup", "none",
+                        "--template", args.template], check=True, capture_output=True)
+        checked = check_prepared(prepared_dir, built)
+        counts = checked["counts"]
+        present = [g for g, n in counts["train"].items() if n]
+        minority = minority or sorted(present, key=lambda g: counts["train"][g])[:3]
+        print(f"seed {seed}: {sum(built['rows'].values()):,} rows resampled with replacement from "
+              f"{sum(built['distinct'].values()):,} distinct real rows; no val/test feature vector occurs in train; "
+              f"{checked['same_input']['test']} of {checked['test_rows']} test rows share their {args.template} "
+              f"input with a train row")
+        print("  rows per group (train/val/test): " + ", ".join(
+            f"{g} {counts['train'][g]}/{counts['val'][g]}/{counts['test'][g]}" for g in present), flush=True)
+        for name in variants:
+            run_dir = seed_dir / f"run-{name}"
+            elapsed = train(prepared_dir, run_dir, args.nproc, args.config, args.epochs, seed, VARIANTS[name])
+            summary = json.loads((run_dir / "metrics.json").read_text())
+            results[name].append({"seed": seed, "test": summary["test"], "val": summary["val"],
+                                  "step": summary["selected_step"], "steps": summary["step"], "seconds": elapsed})
+            print(f"  {name}: test macro-F1 {summary['test']['macro_f1']:.3f} (step {summary['selected_step']} "
+                  f"of {summary['step']}, {elapsed:.0f} s)", flush=True)
 
-    results = []
-    for name in variants:
-        run_dir = out / f"run-{name}"
-        elapsed = train(prepared_dir, run_dir, args.nproc, args.epochs, args.seed, VARIANTS[name])
-        test = json.loads((run_dir / "metrics.json").read_text())["test"]
-        results.append((name, test, elapsed))
-
-    print(f"\ntest split, tiny GPT-2, {args.epochs:g} epochs, {args.nproc} process(es), seed {args.seed}")
-    head = ["variant", "macro-F1", "accuracy", "macro recall"] + [f"recall {g}" for g in minority] + ["train s"]
+    recipe = f"--config {args.config}" if args.config else "the first-round demo settings"
+    print(f"\ntest split, {recipe}, prepare --template {args.template}, {args.epochs:g} epochs, {args.nproc} "
+          f"process(es), seeds {args.seeds}: mean ± std over the seeds (per seed in {out}/results.json)")
+    head = (["variant", "test macro-F1 per seed", "test macro-F1", "macro recall"]
+            + [f"recall {g}" for g in minority] + ["accuracy", "val macro-F1 (selected)", "train s"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, test, elapsed in results:
-        cells = [" ".join(VARIANTS[name]) or "none", f"{test['macro_f1']:.3f}", f"{test['accuracy']:.3f}",
-                 f"{test['macro_recall']:.3f}"] + [f"{test['per_class'][g]['recall']:.3f}" for g in minority]
-        print("| " + " | ".join(cells + [f"{elapsed:.0f}"]) + " |")
+    for name in variants:
+        runs = results[name]
+        test = [r["test"] for r in runs]
+        cells = [" ".join(VARIANTS[name]) or "none", " / ".join(f"{t['macro_f1']:.3f}" for t in test),
+                 mean_std([t["macro_f1"] for t in test]), mean_std([t["macro_recall"] for t in test])]
+        cells += [mean_std([t["per_class"][g]["recall"] for t in test]) for g in minority]
+        cells += [mean_std([t["accuracy"] for t in test]), mean_std([r["val"]["macro_f1"] for r in runs]),
+                  f"{np.mean([r['seconds'] for r in runs]):.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -195,7 +194,7 @@ def main() -> int:
     if manifest_c["label_names"] != manifest_s["label_names"] or manifest_c["splits"] != manifest_s["splits"]:
         sys.exit("the compact and seed preparations split differently; the comparison needs the same rows")
     label_names = manifest_c["label_names"]
-    tokenizer = load_tokenizer(None)
+    load_tokenizer(None)  # fails here, before any training, where the GPT-2 BPE is missing
     n_train = manifest_c["splits"]["train"]["rows"]
     print(f"{n_train} training rows, {args.samples} training samples per arm, global batch {args.global_batch}, model {args.model}, "
           f"{args.threads} threads per arm; tokens/row compact {manifest_c['token_stats']['mean']:.1f}, "
