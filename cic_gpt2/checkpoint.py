@@ -24,9 +24,9 @@ from cic_gpt2.errors import CicError, ConfigError
 from cic_gpt2.files import write_text
 from cic_gpt2.resume_guard import check_same_run, rng_state, seed_new_rank, set_rng_state  # noqa: F401
 from cic_gpt2.schedule import LrPlan, check_resume
-from cic_gpt2.universal import UNIVERSAL_DIR, convert
 
 COMPLETE_MARKER = "COMPLETE"
+UNIVERSAL_DIR = "universal"
 # ds_to_universal refuses checkpoints without this key in the client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 _TAG_RE = re.compile(r"^step-(\d{6,})$")
@@ -327,7 +327,8 @@ class Checkpointer:
         self.grad_clip = cfg.train.grad_clip
         self.lost_after_s, self.convert_timeout_s = cfg.dist.timeout_s, cfg.checkpoint.convert_timeout_s
         # A checkpoint from another world size is resharded through DeepSpeed's universal format.
-        self.universal = resume_from is not None and saved_world_size(resume_from) != info.world_size
+        self.saved_world_size = saved_world_size(resume_from) if resume_from is not None else None
+        self.universal = self.saved_world_size is not None and self.saved_world_size != info.world_size
         self.last_saved_step = -1
 
     @staticmethod
@@ -370,10 +371,12 @@ class Checkpointer:
         """Every rank, when resharding: rank 0 converts the checkpoint while the others wait on its status
         file (`universal.convert`; `nonce`: this launch's, from check_shared_dir); returns the DeepSpeed dict
         that loads it."""
+        from cic_gpt2.universal import convert  # universal imports this module
+
         if not self.universal:
             return ds_dict
         convert(self.resume_from, is_main=self.info.is_main, nonce=nonce, lost_after_s=self.lost_after_s,
-                timeout_s=self.convert_timeout_s, saved_world_size=saved_world_size(self.resume_from))
+                timeout_s=self.convert_timeout_s, saved_world_size=self.saved_world_size)
         return {**ds_dict, "checkpoint": {**ds_dict.get("checkpoint", {}), "load_universal": True}}
 
     def load(self, engine, global_batch_size: int) -> Optional[dict]:

@@ -24,16 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cic_gpt2.checkpoint import resolve_tag_dir, saved_world_size
+    from cic_gpt2.checkpoint import UNIVERSAL_DIR, is_complete, resolve_tag_dir, saved_world_size
     from cic_gpt2.errors import CicError
-    from cic_gpt2.universal import UNIVERSAL_DIR, convert, default_workers
+    from cic_gpt2.universal import convert, default_workers
 
     if args.workers is not None and args.workers < 1:
         raise CicError(f"--workers {args.workers}: must be >= 1")
     tag_dir = resolve_tag_dir(args.checkpoint, "convert")
     workers = args.workers or default_workers()
     ranks = saved_world_size(tag_dir)
-    if (tag_dir / UNIVERSAL_DIR / "COMPLETE").is_file():
+    if is_complete(tag_dir / UNIVERSAL_DIR):
         print(f"{tag_dir / UNIVERSAL_DIR} is already complete")
         return 0
     print(f"converting {tag_dir} (saved by {ranks} ranks) to {tag_dir / UNIVERSAL_DIR} with {workers} workers ...",

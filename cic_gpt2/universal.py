@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from cic_gpt2.checkpoint import COMPLETE_MARKER, UNIVERSAL_DIR, is_complete
 from cic_gpt2.errors import CicError
 from cic_gpt2.files import write_text
 
-UNIVERSAL_DIR = "universal"
 STATUS_FILE = ".universal.status.json"
 LOG_FILE = ".universal.log"  # the converter's output (a file, not a pipe: a full pipe would stall it)
-COMPLETE_MARKER = "COMPLETE"  # = checkpoint.COMPLETE_MARKER (checkpoint imports this module)
 HEARTBEAT_S = 5.0
 POLL_S = 1.0
 MAX_WORKERS = 8
@@ -64,7 +63,7 @@ def convert(tag_dir: Path, *, is_main: bool, nonce: Optional[str] = None, lost_a
         status.wait_for_main(lost_after_s, tag_dir, saved_world_size)
         return out
     try:
-        if not (out / COMPLETE_MARKER).is_file():
+        if not is_complete(out):
             _run(tag_dir, out, status, timeout_s, workers or default_workers(), saved_world_size)
     except Exception as e:
         message = str(e) if isinstance(e, CicError) else (
