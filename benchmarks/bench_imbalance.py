@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_seeds import mean_std  # benchmarks/ is on sys.path when this script runs
+from cic_gpt2.demo import RECIPE  # noqa: E402 (bench_seeds put the repo on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "cic_gpt2" / "data" / "ciciot2023_v2_39feat_robotumbel_sample.csv"
 SPLIT = (0.8, 0.1, 0.1)
@@ -144,13 +147,17 @@ def check_prepared(prepared_dir: Path, built: dict) -> dict:
 
 def train(prepared_dir: Path, run_dir: Path, nproc: int, config: str, epochs: float, seed: int,
           extra: list[str]) -> float:
-    """Train one variant (reused when run_dir holds this exact command's metrics.json); its seconds."""
+    """Train one variant (reused when run_dir holds the metrics.json of this exact command on this exact
+    prepared data); its seconds."""
+    from cic_gpt2.prepared import Prepared
+    from cic_gpt2.resume_guard import data_fingerprint
     from cic_gpt2.files import free_port, write_text
 
     config_args = ["--config", config] if config else []
     overrides = [*TRAIN_OVERRIDES, *([] if config else DEMO_OVERRIDES), f"train.epochs={epochs}",
                  f"train.seed={seed}", *extra]
-    key = json.dumps({"nproc": nproc, "config": config, "overrides": overrides})
+    key = json.dumps({"nproc": nproc, "config": config, "overrides": overrides,
+                      "data": data_fingerprint(Prepared.load(prepared_dir).manifest)})
     done = run_dir / "bench_done.json"
     if done.is_file() and (run_dir / "metrics.json").is_file():
         record = json.loads(done.read_text())
@@ -172,12 +179,6 @@ def train(prepared_dir: Path, run_dir: Path, nproc: int, config: str, epochs: fl
     return seconds
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=20_000, help="rows of the imbalanced CSV (before the floor)")
@@ -186,7 +187,7 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2, help="training processes (1: no launcher)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds of the resample, the split and training")
     p.add_argument("--template", default="binned", help="prepare --template (binned: the cpu_tiny recipe's)")
-    p.add_argument("--config", default="cpu_tiny", help='train --config ("": the first-round demo settings)')
+    p.add_argument("--config", default=RECIPE, help='train --config ("": the first-round demo settings)')
     p.add_argument("--variants", default="none,weights,sqrt,sampler", help=f"comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--out-dir", default="bench_imbalance_out")
     args = p.parse_args()
@@ -237,9 +238,9 @@ def main() -> int:
         runs = results[name]
         test = [r["test"] for r in runs]
         cells = [" ".join(VARIANTS[name]) or "none", " / ".join(f"{t['macro_f1']:.3f}" for t in test),
-                 mean_std([t["macro_f1"] for t in test]), mean_std([t["macro_recall"] for t in test])]
-        cells += [mean_std([t["per_class"][g]["recall"] for t in test]) for g in minority]
-        cells += [mean_std([t["accuracy"] for t in test]), mean_std([r["val"]["macro_f1"] for r in runs]),
+                 mean_std([t["macro_f1"] for t in test], 3), mean_std([t["macro_recall"] for t in test], 3)]
+        cells += [mean_std([t["per_class"][g]["recall"] for t in test], 3) for g in minority]
+        cells += [mean_std([t["accuracy"] for t in test], 3), mean_std([r["val"]["macro_f1"] for r in runs], 3),
                   f"{np.mean([r['seconds'] for r in runs]):.0f}"]
         print("| " + " | ".join(cells) + " |")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -75,16 +75,18 @@ def one_seed(work: Path, seed: int, dedup: str, classes: str, overrides: list[st
     return result
 
 
+def mean_std(values: list[float], digits: int = 4) -> str:
+    """`mean ± sample std` (std 0 for a single value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
 def table(results: list[dict]) -> str:
     names = list(results[0]["models"])
     head = "| model | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
     lines = [head]
     for name in names:
-        cells = []
-        for key in METRICS:
-            values = [r["models"][name][key] for r in results]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+        cells = [mean_std([r["models"][name][key] for r in results]) for key in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,7 +119,7 @@ def main() -> int:
     vals = [r["val_macro_f1"] for r in results]
     print(f"\n{len(args.seeds)} seed(s) {args.seeds}, dedup {args.dedup or 'default'}, classes {args.classes}, "
           f"template {args.template}, config {args.config} {' '.join(args.overrides)}: GPT-2 val macro-F1 "
-          f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.4f}; "
+          f"{mean_std(vals)}; "
           f"test split, mean ± std (sample std)\n")
     print(table(results))
     if args.json:
